@@ -1,0 +1,530 @@
+//! Sensitive data: what each kind looks like (a regular expression) and what makes a candidate
+//! real (a validator), so that random digits, git SHAs and UUIDs are not flagged.
+//!
+//! All kinds are searched at once with one `RegexSet`; only the kinds it reports are searched
+//! again, one by one, to find and validate each match.
+
+use std::fmt;
+
+use regex::{Regex, RegexSet};
+use serde::Serialize;
+
+/// A kind of sensitive data, named as in policy documents (`sensitive_data_types`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SensitiveKind {
+    CreditCard,
+    UsSsn,
+    Email,
+    Phone,
+    Iban,
+    AwsAccessKey,
+    GithubToken,
+    GitlabToken,
+    SlackToken,
+    Jwt,
+    PrivateKey,
+    GenericApiKey,
+}
+
+impl SensitiveKind {
+    pub const ALL: [SensitiveKind; 12] = [
+        SensitiveKind::CreditCard,
+        SensitiveKind::UsSsn,
+        SensitiveKind::Email,
+        SensitiveKind::Phone,
+        SensitiveKind::Iban,
+        SensitiveKind::AwsAccessKey,
+        SensitiveKind::GithubToken,
+        SensitiveKind::GitlabToken,
+        SensitiveKind::SlackToken,
+        SensitiveKind::Jwt,
+        SensitiveKind::PrivateKey,
+        SensitiveKind::GenericApiKey,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SensitiveKind::CreditCard => "credit_card",
+            SensitiveKind::UsSsn => "us_ssn",
+            SensitiveKind::Email => "email",
+            SensitiveKind::Phone => "phone",
+            SensitiveKind::Iban => "iban",
+            SensitiveKind::AwsAccessKey => "aws_access_key",
+            SensitiveKind::GithubToken => "github_token",
+            SensitiveKind::GitlabToken => "gitlab_token",
+            SensitiveKind::SlackToken => "slack_token",
+            SensitiveKind::Jwt => "jwt",
+            SensitiveKind::PrivateKey => "private_key",
+            SensitiveKind::GenericApiKey => "generic_api_key",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<SensitiveKind> {
+        SensitiveKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
+    }
+
+    /// ASCII-only syntax (`(?-u)`) keeps the lazy DFA fast on any input.
+    fn pattern(self) -> &'static str {
+        match self {
+            SensitiveKind::CreditCard => r"(?-u)\b(?:[0-9][ -]?){12,18}[0-9]\b",
+            SensitiveKind::UsSsn => r"(?-u)\b[0-9]{3}[- ][0-9]{2}[- ][0-9]{4}\b",
+            SensitiveKind::Email => {
+                r"(?-u)\b[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}\b"
+            }
+            SensitiveKind::Phone => {
+                r"(?-u)(?:\+[1-9][0-9]{0,2}[ .-]?)?(?:\([0-9]{2,4}\)|\b[0-9]{2,4})[ .-]?[0-9]{3,4}[ .-]?[0-9]{3,4}\b"
+            }
+            SensitiveKind::Iban => r"(?-u)\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}\b",
+            SensitiveKind::AwsAccessKey => r"(?-u)\b(?:AKIA|ASIA|ABIA|ACCA)[A-Z0-9]{16}\b",
+            SensitiveKind::GithubToken => {
+                r"(?-u)\b(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{82})\b"
+            }
+            SensitiveKind::GitlabToken => r"(?-u)\bglpat-[A-Za-z0-9_-]{20,}",
+            SensitiveKind::SlackToken => r"(?-u)\bxox[abposr]-[A-Za-z0-9-]{10,}",
+            SensitiveKind::Jwt => {
+                r"(?-u)\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{10,}"
+            }
+            SensitiveKind::PrivateKey => {
+                r"(?-u)-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY( BLOCK)?-----"
+            }
+            SensitiveKind::GenericApiKey => {
+                r#"(?-u)(?i:api[_-]?key|secret|token|access[_-]?key|auth|passw(?:or)?d|pwd|credential)s?["']?[ \t]*[:=][ \t]*["']?([A-Za-z0-9_+/=.-]{16,})"#
+            }
+        }
+    }
+
+    /// Whether `m` (a match of [`Self::pattern`]) is real data of this kind.
+    fn validate(self, m: &str, caps_value: &str) -> bool {
+        match self {
+            SensitiveKind::CreditCard => is_card_number(m),
+            SensitiveKind::UsSsn => is_ssn(m),
+            SensitiveKind::Phone => is_phone(m),
+            SensitiveKind::Iban => is_iban(m),
+            SensitiveKind::GenericApiKey => looks_like_secret(caps_value),
+            _ => true,
+        }
+    }
+}
+
+impl fmt::Display for SensitiveKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One piece of sensitive data found in a string: its kind and byte range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Finding {
+    pub kind: SensitiveKind,
+    pub start: usize,
+    pub end: usize,
+}
+
+/// The compiled detectors for a chosen set of kinds.
+#[derive(Debug)]
+pub(crate) struct Detector {
+    set: RegexSet,
+    /// Parallel to the set's patterns.
+    kinds: Vec<SensitiveKind>,
+    regexes: Vec<Regex>,
+}
+
+impl Detector {
+    pub(crate) fn new(kinds: &[SensitiveKind]) -> Detector {
+        let patterns: Vec<&str> = kinds.iter().map(|k| k.pattern()).collect();
+        // The patterns are constants covered by tests; a failure here is a bug, not input.
+        #[allow(clippy::expect_used)]
+        let set = RegexSet::new(&patterns).expect("sensitive-data patterns compile");
+        #[allow(clippy::expect_used)]
+        let regexes = patterns
+            .iter()
+            .map(|p| Regex::new(p).expect("sensitive-data pattern compiles"))
+            .collect();
+        Detector {
+            set,
+            kinds: kinds.to_vec(),
+            regexes,
+        }
+    }
+
+    /// Calls `found` for each validated finding in `text`. `key` is the JSON key the text is the
+    /// value of, if any: a key such as `api_key` is context for a generic secret.
+    pub(crate) fn scan(&self, text: &str, key: Option<&str>, found: &mut dyn FnMut(Finding)) {
+        if let Some(key) = key
+            && self.kinds.contains(&SensitiveKind::GenericApiKey)
+            && is_secret_key_name(key)
+            && looks_like_secret(text)
+        {
+            found(Finding {
+                kind: SensitiveKind::GenericApiKey,
+                start: 0,
+                end: text.len(),
+            });
+            return;
+        }
+        if text.len() < 8 {
+            return;
+        }
+        for i in self.set.matches(text).iter() {
+            let kind = self.kinds[i];
+            let re = &self.regexes[i];
+            if kind == SensitiveKind::GenericApiKey {
+                for caps in re.captures_iter(text) {
+                    if let Some(v) = caps.get(1)
+                        && kind.validate(v.as_str(), v.as_str())
+                    {
+                        found(Finding {
+                            kind,
+                            start: v.start(),
+                            end: v.end(),
+                        });
+                    }
+                }
+            } else {
+                for m in re.find_iter(text) {
+                    if kind.validate(m.as_str(), "") {
+                        found(Finding {
+                            kind,
+                            start: m.start(),
+                            end: m.end(),
+                        });
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn digits(s: &str) -> impl Iterator<Item = u32> + '_ {
+    s.chars().filter_map(|c| c.to_digit(10))
+}
+
+/// Luhn-valid, 13 to 19 digits, with the prefix of a card network.
+pub fn is_card_number(s: &str) -> bool {
+    let n = digits(s).count();
+    if !(13..=19).contains(&n) {
+        return false;
+    }
+    let d: Vec<u32> = digits(s).collect();
+    let prefix2 = d[0] * 10 + d[1];
+    let network = match d[0] {
+        4 => true,                                           // Visa
+        5 => (51..=55).contains(&prefix2),                   // Mastercard
+        2 => (22..=27).contains(&prefix2),                   // Mastercard 2-series
+        3 => matches!(prefix2, 34 | 37 | 35 | 36 | 38 | 30), // Amex, JCB, Diners
+        6 => matches!(prefix2, 60 | 62 | 64 | 65),           // Discover, UnionPay
+        _ => false,
+    };
+    network && luhn(&d)
+}
+
+fn luhn(d: &[u32]) -> bool {
+    let sum: u32 = d
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(i, &x)| {
+            if i % 2 == 1 {
+                let y = x * 2;
+                if y > 9 { y - 9 } else { y }
+            } else {
+                x
+            }
+        })
+        .sum();
+    sum % 10 == 0
+}
+
+/// Area not 000, 666 or 9xx; group not 00; serial not 0000; one separator style.
+pub fn is_ssn(s: &str) -> bool {
+    let b = s.as_bytes();
+    if b.len() != 11 || b[3] != b[6] {
+        return false;
+    }
+    let area: u32 = s[0..3].parse().unwrap_or(0);
+    let group: u32 = s[4..6].parse().unwrap_or(0);
+    let serial: u32 = s[7..11].parse().unwrap_or(0);
+    area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
+}
+
+/// 10 to 15 digits, with a `+` country code or separators (a bare run of digits is more often an
+/// id or a timestamp than a phone number); NANP numbers need valid area and exchange codes.
+fn is_phone(s: &str) -> bool {
+    let d: Vec<u32> = digits(s).collect();
+    if !(10..=15).contains(&d.len()) {
+        return false;
+    }
+    let international = s.starts_with('+');
+    let separated = s.contains([' ', '-', '.', '(']);
+    if !international && !separated {
+        return false;
+    }
+    if !international {
+        // North American Numbering Plan: NXX-NXX-XXXX.
+        let local = if d.len() == 11 && d[0] == 1 {
+            &d[1..]
+        } else {
+            &d[..]
+        };
+        return local.len() == 10 && local[0] >= 2 && local[3] >= 2;
+    }
+    true
+}
+
+/// Country code of an IBAN country, length as the registry gives it, and mod-97 equal to 1.
+pub fn is_iban(s: &str) -> bool {
+    let compact: Vec<u8> = s.bytes().filter(|b| *b != b' ').collect();
+    let Some(expected) = iban_length(&compact[..2]) else {
+        return false;
+    };
+    if compact.len() != expected {
+        return false;
+    }
+    let rearranged = compact[4..].iter().chain(&compact[..4]);
+    let mut rem: u32 = 0;
+    for &b in rearranged {
+        let v = match b {
+            b'0'..=b'9' => u32::from(b - b'0'),
+            b'A'..=b'Z' => u32::from(b - b'A') + 10,
+            _ => return false,
+        };
+        rem = if v >= 10 {
+            (rem * 100 + v) % 97
+        } else {
+            (rem * 10 + v) % 97
+        };
+    }
+    rem == 1
+}
+
+fn iban_length(cc: &[u8]) -> Option<usize> {
+    const LENGTHS: &[(&[u8; 2], usize)] = &[
+        (b"AD", 24),
+        (b"AE", 23),
+        (b"AL", 28),
+        (b"AT", 20),
+        (b"AZ", 28),
+        (b"BA", 20),
+        (b"BE", 16),
+        (b"BG", 22),
+        (b"BH", 22),
+        (b"BR", 29),
+        (b"CH", 21),
+        (b"CR", 22),
+        (b"CY", 28),
+        (b"CZ", 24),
+        (b"DE", 22),
+        (b"DK", 18),
+        (b"DO", 28),
+        (b"EE", 20),
+        (b"EG", 29),
+        (b"ES", 24),
+        (b"FI", 18),
+        (b"FO", 18),
+        (b"FR", 27),
+        (b"GB", 22),
+        (b"GE", 22),
+        (b"GI", 23),
+        (b"GL", 18),
+        (b"GR", 27),
+        (b"GT", 28),
+        (b"HR", 21),
+        (b"HU", 28),
+        (b"IE", 22),
+        (b"IL", 23),
+        (b"IS", 26),
+        (b"IT", 27),
+        (b"JO", 30),
+        (b"KW", 30),
+        (b"KZ", 20),
+        (b"LB", 28),
+        (b"LI", 21),
+        (b"LT", 20),
+        (b"LU", 20),
+        (b"LV", 21),
+        (b"MC", 27),
+        (b"MD", 24),
+        (b"ME", 22),
+        (b"MK", 19),
+        (b"MR", 27),
+        (b"MT", 31),
+        (b"MU", 30),
+        (b"NL", 18),
+        (b"NO", 15),
+        (b"PK", 24),
+        (b"PL", 28),
+        (b"PS", 29),
+        (b"PT", 25),
+        (b"QA", 29),
+        (b"RO", 24),
+        (b"RS", 22),
+        (b"SA", 24),
+        (b"SE", 24),
+        (b"SI", 19),
+        (b"SK", 24),
+        (b"SM", 27),
+        (b"TN", 24),
+        (b"TR", 26),
+        (b"UA", 29),
+        (b"VG", 24),
+        (b"XK", 20),
+    ];
+    LENGTHS.iter().find(|(c, _)| &c[..] == cc).map(|(_, n)| *n)
+}
+
+fn is_secret_key_name(key: &str) -> bool {
+    const WORDS: [&str; 9] = [
+        "apikey",
+        "api_key",
+        "api-key",
+        "secret",
+        "token",
+        "password",
+        "passwd",
+        "access_key",
+        "credential",
+    ];
+    let lower = key.to_ascii_lowercase();
+    WORDS.iter().any(|w| lower.contains(w))
+}
+
+/// A value that looks like a generated secret: long enough, letters and digits mixed, high
+/// Shannon entropy, and not a git SHA (all hex) or a UUID.
+pub fn looks_like_secret(v: &str) -> bool {
+    let v = v.trim_end_matches('=');
+    if v.len() < 16 || v.len() > 512 {
+        return false;
+    }
+    if v.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return false; // git SHAs, hashes
+    }
+    if is_uuid(v) {
+        return false;
+    }
+    if !v
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"_+/=.-".contains(&b))
+    {
+        return false;
+    }
+    let has_digit = v.bytes().any(|b| b.is_ascii_digit());
+    let has_alpha = v.bytes().any(|b| b.is_ascii_alphabetic());
+    has_digit && has_alpha && shannon_entropy(v) >= 3.5
+}
+
+fn is_uuid(v: &str) -> bool {
+    let b = v.as_bytes();
+    b.len() == 36
+        && b.iter().enumerate().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => *c == b'-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+fn shannon_entropy(v: &str) -> f64 {
+    let mut counts = [0u32; 256];
+    for b in v.bytes() {
+        counts[b as usize] += 1;
+    }
+    let n = v.len() as f64;
+    counts
+        .iter()
+        .filter(|c| **c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+/// A short description of a finding that does not repeat the secret: `4111********1111`.
+pub(crate) fn mask(s: &str) -> String {
+    let chars: Vec<char> = s.chars().collect();
+    if chars.len() <= 8 {
+        return "*".repeat(chars.len());
+    }
+    let head: String = chars[..4].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}{}{tail}", "*".repeat(chars.len() - 8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn find(text: &str) -> Vec<(SensitiveKind, String)> {
+        let d = Detector::new(&SensitiveKind::ALL);
+        let mut out = Vec::new();
+        d.scan(text, None, &mut |f| {
+            out.push((f.kind, text[f.start..f.end].to_owned()))
+        });
+        out
+    }
+
+    fn kinds(text: &str) -> Vec<SensitiveKind> {
+        let mut k: Vec<_> = find(text).into_iter().map(|(k, _)| k).collect();
+        k.sort();
+        k.dedup();
+        k
+    }
+
+    #[test]
+    fn finds_each_kind() {
+        use SensitiveKind::*;
+        let cases = [
+            ("pay with 4111 1111 1111 1111 today", CreditCard),
+            ("ssn 123-45-6789", UsSsn),
+            ("mail jane.doe@example.com now", Email),
+            ("call +1 415 555 2671", Phone),
+            ("call (415) 555-2671", Phone),
+            ("iban GB82 WEST 1234 5698 7654 32", Iban),
+            ("iban DE89370400440532013000", Iban),
+            ("key AKIAIOSFODNN7EXAMPLE", AwsAccessKey),
+            ("ghp_abcdefghijklmnopqrstuvwxyz0123456789", GithubToken),
+            ("glpat-abcdefghij0123456789", GitlabToken),
+            ("xoxb-1234567890-abcdefghij", SlackToken),
+            (
+                "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+                Jwt,
+            ),
+            ("-----BEGIN RSA PRIVATE KEY-----\nMIIE", PrivateKey),
+            ("api_key=sk9Xb2QmR7vLp4Tn8WzA1cE5", GenericApiKey),
+        ];
+        for (text, kind) in cases {
+            assert!(kinds(text).contains(&kind), "{kind} not found in {text:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_look_alikes() {
+        // Luhn-invalid card, SSN with area 000, 666, 9xx, git SHA, UUID, bare digits.
+        assert!(kinds("4111 1111 1111 1112").is_empty());
+        assert!(kinds("000-12-3456 666-12-3456 912-12-3456 123-00-4567").is_empty());
+        assert!(kinds("commit 3f786850e387550fdab836ed7e6dc881de23001b").is_empty());
+        assert!(kinds("token: 3f786850e387550fdab836ed7e6dc881de23001b").is_empty());
+        assert!(kinds("token: 123e4567-e89b-12d3-a456-426614174000").is_empty());
+        assert!(kinds("id 1700000000123").is_empty());
+        assert!(kinds("GB00 WEST 1234 5698 7654 32").is_empty());
+        assert!(kinds("password: aaaaaaaaaaaaaaaaaaaa").is_empty());
+    }
+
+    #[test]
+    fn key_context_flags_a_secret_value() {
+        let d = Detector::new(&[SensitiveKind::GenericApiKey]);
+        let mut n = 0;
+        d.scan("sk9Xb2QmR7vLp4Tn8WzA1cE5", Some("api_key"), &mut |_| n += 1);
+        d.scan("sk9Xb2QmR7vLp4Tn8WzA1cE5", Some("name"), &mut |_| n += 10);
+        assert_eq!(n, 1);
+    }
+
+    #[test]
+    fn masks_without_revealing() {
+        assert_eq!(mask("4111111111111111"), "4111********1111");
+        assert_eq!(mask("short"), "*****");
+    }
+}
