@@ -51,6 +51,11 @@ impl Diagnostic {
         }
     }
 
+    /// A diagnostic about a whole document or file, with no position to point at.
+    pub fn new(source: impl Into<String>, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::document(&source.into(), message)
+    }
+
     /// A diagnostic about a whole document, with no position to point at.
     pub(crate) fn document(source: &str, message: impl Into<String>) -> Diagnostic {
         Diagnostic {

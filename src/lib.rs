@@ -1,0 +1,6 @@
+//! perfecx: the sidecar that AI agents run their tool calls through, and the `perfecx` command.
+//!
+//! The policy engine itself is the `perfecx-policy` crate; this crate holds what touches files,
+//! sockets and processes.
+
+pub mod policy_files;
