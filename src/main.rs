@@ -1,1 +1,30 @@
-fn main() {}
+//! The `perfecx` command: one binary for the policy tools, the sidecar and the control plane.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use perfecx::policy_cmd::{self, PolicyCommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "perfecx",
+    version,
+    about = "Policy-engine sidecar and control plane for AI agents' tool calls"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check, test and explain policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Policy(cmd) => policy_cmd::run(cmd),
+    }
+}

@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::compile::{Limits, PolicySet, RuleRef};
 use crate::json::{JsonError, Scanner, TokenKind, push_json_string};
@@ -22,7 +22,7 @@ pub enum Content<'a> {
 }
 
 /// What the caller must do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     /// Forward the call (or return the output) as it is.
