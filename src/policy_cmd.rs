@@ -283,25 +283,7 @@ fn run_suite(file: &Path, all: &[Policy]) -> Result<Vec<CaseResult>, Diagnostics
     let source = file.display().to_string();
     let text = fs::read_to_string(file)
         .map_err(|e| perfecx_policy::Diagnostic::new(&source, format!("cannot read: {e}")))?;
-    let suite = Suite::parse(&source, &text)?;
-    let chosen: Vec<Policy> = match &suite.policies {
-        None => all.to_vec(),
-        Some(names) => {
-            let mut chosen = Vec::new();
-            for name in names {
-                let p = all.iter().find(|p| &p.name == name).ok_or_else(|| {
-                    perfecx_policy::Diagnostic::new(
-                        &source,
-                        format!("the suite names policy `{name}`, which is not in this folder"),
-                    )
-                })?;
-                chosen.push(p.clone());
-            }
-            chosen
-        }
-    };
-    let set = PolicySet::compile(chosen)?;
-    Ok(suite.cases.iter().map(|c| c.run(&set)).collect())
+    Suite::parse(&source, &text)?.run(&source, all)
 }
 
 fn explain(args: &ExplainArgs) -> ExitCode {

@@ -167,7 +167,8 @@ impl Detector {
             });
             return;
         }
-        if text.len() < 8 {
+        // `is_match` first: `matches` allocates, and most text holds nothing sensitive.
+        if text.len() < 8 || !self.set.is_match(text) {
             return;
         }
         for i in self.set.matches(text).iter() {
@@ -389,8 +390,11 @@ fn is_secret_key_name(key: &str) -> bool {
         "access_key",
         "credential",
     ];
-    let lower = key.to_ascii_lowercase();
-    WORDS.iter().any(|w| lower.contains(w))
+    let key = key.as_bytes();
+    WORDS.iter().any(|w| {
+        key.windows(w.len())
+            .any(|win| win.eq_ignore_ascii_case(w.as_bytes()))
+    })
 }
 
 /// A value that looks like a generated secret: long enough, letters and digits mixed, high

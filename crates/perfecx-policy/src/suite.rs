@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::PolicySet;
 use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::evaluate::{Content, Decision, Outcome};
-use crate::model::RuleKind;
+use crate::model::{Policy, RuleKind};
 
 /// One `*.test.yaml` file.
 #[derive(Debug, Clone, Deserialize)]
@@ -141,6 +141,39 @@ impl Suite {
         } else {
             Err(Diagnostics(problems))
         }
+    }
+}
+
+impl Suite {
+    /// The policies these cases run against, chosen from `all` by the suite's `policies` list.
+    pub fn select(&self, source: &str, all: &[Policy]) -> Result<Vec<Policy>, Diagnostics> {
+        let Some(names) = &self.policies else {
+            return Ok(all.to_vec());
+        };
+        names
+            .iter()
+            .map(|name| {
+                all.iter()
+                    .find(|p| &p.name == name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        Diagnostic::new(
+                            source,
+                            format!(
+                                "the suite names policy `{name}`, which is not among those loaded"
+                            ),
+                        )
+                        .located(1, 1, "policies")
+                        .into()
+                    })
+            })
+            .collect()
+    }
+
+    /// Compiles the selected policies and runs every case.
+    pub fn run(&self, source: &str, all: &[Policy]) -> Result<Vec<CaseResult>, Diagnostics> {
+        let set = PolicySet::compile(self.select(source, all)?)?;
+        Ok(self.cases.iter().map(|c| c.run(&set)).collect())
     }
 }
 
