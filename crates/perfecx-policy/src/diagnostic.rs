@@ -136,7 +136,11 @@ impl Excerpt {
             .chars()
             .map(|c| if c == '\t' { ' ' } else { c })
             .collect();
-        let start = col.saturating_sub(Self::WIDTH / 3).min(chars.len());
+        let start = if chars.len() <= Self::WIDTH {
+            0
+        } else {
+            col.saturating_sub(Self::WIDTH / 3).min(chars.len())
+        };
         let end = (start + Self::WIDTH).min(chars.len());
         let mut text: String = chars[start..end].iter().collect();
         let mut caret = col - start;
