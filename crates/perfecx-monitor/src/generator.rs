@@ -6,7 +6,7 @@
 //! error rate and the odd policy violation. Anomalies are injected into chosen minutes after a
 //! warm-up hour.
 
-use crate::detector::AnomalyKind;
+use crate::detector::{AgentDetector, Anomaly, AnomalyKind, Config, Signal};
 
 /// One generated signal, owned.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +36,25 @@ impl Event {
             Event::Call { at_ms, .. } | Event::Violation { at_ms, .. } => *at_ms,
         }
     }
+
+    /// What a detector is fed for this event.
+    pub fn signal(&self) -> Signal<'_> {
+        match self {
+            Event::Call {
+                at_ms,
+                tool,
+                duration_ms,
+                success,
+                ..
+            } => Signal::Call {
+                at_ms: *at_ms,
+                tool,
+                duration_ms: *duration_ms,
+                success: *success,
+            },
+            Event::Violation { at_ms, .. } => Signal::Violation { at_ms: *at_ms },
+        }
+    }
 }
 
 /// An injected anomaly: which agent, what, and the minutes it spans (end exclusive).
@@ -47,6 +66,18 @@ pub struct Label {
     pub end_minute: i64,
 }
 
+impl Label {
+    /// Whether `anomaly`, detected for `agent`, is this injected anomaly. A minute's anomaly is
+    /// reported at the minute's end, the next one's first millisecond: it counts for the minute
+    /// before.
+    pub fn matches(&self, agent: usize, anomaly: &Anomaly) -> bool {
+        let minute = (anomaly.detected_at_ms - 1).div_euclid(60_000);
+        self.agent == agent
+            && self.kind == anomaly.kind
+            && (self.start_minute..self.end_minute).contains(&minute)
+    }
+}
+
 /// Generated traffic, in time order, and its labels.
 #[derive(Debug, Clone)]
 pub struct Traffic {
@@ -54,6 +85,62 @@ pub struct Traffic {
     pub labels: Vec<Label>,
     pub minutes: i64,
     pub agents: usize,
+}
+
+impl Traffic {
+    /// Replays the traffic through one detector per agent (default configuration); returns
+    /// every anomaly with its agent, in order.
+    pub fn detect(&self) -> Vec<(usize, Anomaly)> {
+        let mut detectors: Vec<AgentDetector> = (0..self.agents)
+            .map(|_| AgentDetector::new(Config::default()))
+            .collect();
+        let mut found = Vec::new();
+        for e in &self.events {
+            let agent = e.agent();
+            found.extend(
+                detectors[agent]
+                    .observe(e.signal())
+                    .into_iter()
+                    .map(|a| (agent, a)),
+            );
+        }
+        for (agent, d) in detectors.iter_mut().enumerate() {
+            found.extend(
+                d.flush(self.minutes * 60_000)
+                    .into_iter()
+                    .map(|a| (agent, a)),
+            );
+        }
+        found
+    }
+
+    /// Recall, precision, and false alarms per agent-minute of `found` against the labels.
+    pub fn score(&self, found: &[(usize, Anomaly)]) -> Score {
+        let detected = self
+            .labels
+            .iter()
+            .filter(|l| found.iter().any(|(agent, a)| l.matches(*agent, a)))
+            .count();
+        let false_alarms = found
+            .iter()
+            .filter(|(agent, a)| !self.labels.iter().any(|l| l.matches(*agent, a)))
+            .count();
+        let clean_minutes = self.agents as f64 * self.minutes as f64 - self.labels.len() as f64;
+        Score {
+            recall: detected as f64 / self.labels.len().max(1) as f64,
+            precision: (found.len() - false_alarms) as f64 / found.len().max(1) as f64,
+            false_alarm_rate: false_alarms as f64 / clean_minutes.max(1.0),
+        }
+    }
+}
+
+/// How well detections match the labels.
+#[derive(Debug, Clone, Copy)]
+pub struct Score {
+    pub recall: f64,
+    pub precision: f64,
+    /// False alarms per agent-minute that held no injected anomaly.
+    pub false_alarm_rate: f64,
 }
 
 /// A small deterministic generator (xorshift64*), so a seed always gives the same traffic.

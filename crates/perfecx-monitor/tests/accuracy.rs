@@ -4,82 +4,7 @@
 //! when an injected anomaly of the same agent and kind spans the minute it concerns (or the
 //! minute before, for bucket anomalies reported at the minute's end); a false alarm is any other.
 
-use perfecx_monitor::generator::{Event, Label, Traffic, generate};
-use perfecx_monitor::{AgentDetector, Anomaly, Config, Signal};
-
-/// Runs the detectors over the traffic; returns (agent, anomaly) in order.
-fn detect(traffic: &Traffic) -> Vec<(usize, Anomaly)> {
-    let mut detectors: Vec<AgentDetector> = (0..traffic.agents)
-        .map(|_| AgentDetector::new(Config::default()))
-        .collect();
-    let mut found = Vec::new();
-    for e in &traffic.events {
-        let signal = match e {
-            Event::Call {
-                at_ms,
-                tool,
-                duration_ms,
-                success,
-                ..
-            } => Signal::Call {
-                at_ms: *at_ms,
-                tool,
-                duration_ms: *duration_ms,
-                success: *success,
-            },
-            Event::Violation { at_ms, .. } => Signal::Violation { at_ms: *at_ms },
-        };
-        found.extend(
-            detectors[e.agent()]
-                .observe(signal)
-                .into_iter()
-                .map(|a| (e.agent(), a)),
-        );
-    }
-    for (i, d) in detectors.iter_mut().enumerate() {
-        found.extend(
-            d.flush(traffic.minutes * 60_000)
-                .into_iter()
-                .map(|a| (i, a)),
-        );
-    }
-    found
-}
-
-fn matches(label: &Label, agent: usize, a: &Anomaly) -> bool {
-    // A bucket anomaly is reported at the end of its minute, i.e. at the next minute's start.
-    let minute = (a.detected_at_ms - 1).div_euclid(60_000);
-    label.agent == agent
-        && label.kind == a.kind
-        && minute >= label.start_minute
-        && minute < label.end_minute
-}
-
-struct Score {
-    recall: f64,
-    precision: f64,
-    false_alarm_rate: f64,
-}
-
-fn score(traffic: &Traffic, found: &[(usize, Anomaly)]) -> Score {
-    let detected = traffic
-        .labels
-        .iter()
-        .filter(|l| found.iter().any(|(ag, a)| matches(l, *ag, a)))
-        .count();
-    let false_alarms = found
-        .iter()
-        .filter(|(ag, a)| !traffic.labels.iter().any(|l| matches(l, *ag, a)))
-        .count();
-    // False alarms per agent-minute that held no anomaly.
-    let clean_minutes =
-        traffic.agents as f64 * traffic.minutes as f64 - traffic.labels.len() as f64;
-    Score {
-        recall: detected as f64 / traffic.labels.len().max(1) as f64,
-        precision: (found.len() - false_alarms) as f64 / found.len().max(1) as f64,
-        false_alarm_rate: false_alarms as f64 / clean_minutes,
-    }
-}
+use perfecx_monitor::generator::{Label, generate};
 
 #[test]
 fn recall_and_false_alarms_meet_the_targets() {
@@ -92,8 +17,8 @@ fn recall_and_false_alarms_meet_the_targets() {
             "{} labels",
             traffic.labels.len()
         );
-        let found = detect(&traffic);
-        let s = score(&traffic, &found);
+        let found = traffic.detect();
+        let s = traffic.score(&found);
         eprintln!(
             "seed {seed}: {} labels, {} detections, recall {:.3}, precision {:.3}, false alarms {:.4} per agent-minute",
             traffic.labels.len(),
@@ -117,12 +42,12 @@ fn recall_and_false_alarms_meet_the_targets() {
                 .collect();
             let hit = labels
                 .iter()
-                .filter(|l| found.iter().any(|(ag, a)| matches(l, *ag, a)))
+                .filter(|l| found.iter().any(|(ag, a)| l.matches(*ag, a)))
                 .count();
             let false_alarms = found
                 .iter()
                 .filter(|(ag, a)| {
-                    a.kind.as_str() == kind && !traffic.labels.iter().any(|l| matches(l, *ag, a))
+                    a.kind.as_str() == kind && !traffic.labels.iter().any(|l| l.matches(*ag, a))
                 })
                 .count();
             eprintln!(
