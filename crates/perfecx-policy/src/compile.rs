@@ -74,7 +74,9 @@ pub(crate) struct ToolRule {
     pub forbidden: ToolMatcher,
 }
 
-/// The limits in force for every call: the strictest value of each, and the policy it came from.
+/// The limits in force for every call, each with the policy it came from: the smallest value
+/// among strict policies; a permissive policy's (to report, not enforce) only where no strict
+/// policy sets one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Limits {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -352,9 +354,20 @@ impl PolicySet {
     }
 }
 
+/// Keeps the limit in force: a strict policy's limit over a permissive one's (which is only
+/// reported, so it must not hide an enforced one), and the smaller of two alike.
 fn tighten(slot: &mut Option<Limit>, value: Option<u64>, policy: &Policy) {
     let Some(value) = value else { return };
-    if slot.as_ref().is_none_or(|l| value < l.value) {
+    let strict = |e: Enforcement| e == Enforcement::Strict;
+    let wins =
+        slot.as_ref().is_none_or(
+            |l| match (strict(policy.enforcement), strict(l.enforcement)) {
+                (true, false) => true,
+                (false, true) => false,
+                _ => value < l.value,
+            },
+        );
+    if wins {
         *slot = Some(Limit {
             value,
             policy: policy.name.clone(),

@@ -94,6 +94,25 @@ fn limits_combine_to_the_strictest() {
 }
 
 #[test]
+fn a_permissive_limit_never_hides_a_strict_one() {
+    let s = set(&[
+        "name: loose\nenforcement: permissive\nrules:\n  - type: execution_limit\n    max_execution_time_ms: 100\n    max_memory_mb: 8\n",
+        "name: firm\nrules:\n  - type: execution_limit\n    max_execution_time_ms: 500\n",
+    ]);
+    let time = s.limits().max_execution_time_ms.as_ref().unwrap();
+    assert_eq!(
+        (time.value, time.policy.as_str(), time.enforcement),
+        (500, "firm", Enforcement::Strict)
+    );
+    let mem = s.limits().max_memory_mb.as_ref().unwrap();
+    assert_eq!(
+        (mem.value, mem.enforcement),
+        (8, Enforcement::Permissive),
+        "reported where nothing strict applies"
+    );
+}
+
+#[test]
 fn the_same_pattern_in_two_policies_reports_both() {
     let s = set(&[
         "name: a\nrules:\n  - type: content_filter\n    forbidden_patterns: [rm -rf]\n",
