@@ -21,10 +21,20 @@ enum Command {
     /// Check, test and explain policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// A demo MCP server over stdio (web_search, calculator, file_reader, ...), for `perfecx up`.
+    #[command(hide = true)]
+    DemoTools,
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Policy(cmd) => policy_cmd::run(cmd),
+        Command::DemoTools => match perfecx::demo_tools::main() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
