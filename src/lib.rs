@@ -4,3 +4,4 @@
 //! sockets and processes.
 
 pub mod policy_files;
+pub mod sidecar;
