@@ -56,24 +56,18 @@ pub async fn handle(
             Ok(Ok(b)) => b,
         };
 
-    // Judge the body, then the query: both carry arguments.
-    let (body, query) = match judge(
-        &shared,
-        &active,
-        tool,
-        &parts.headers,
-        bytes,
-        parts.uri.query(),
-    ) {
+    // Judge the body, then the path and query: all of them carry arguments.
+    let query = parts.uri.query();
+    let body = match judge(&shared, &active, tool, &parts.headers, bytes, &rest, query) {
         Ok(judged) => judged,
         Err(refusal) => {
             tracker.refused(tool, &refusal);
             return rescue::http_error(&refusal);
         }
     };
-    let redacted = body.1 || query.1;
+    let redacted = body.1;
 
-    let uri = match target(&base, &rest, query.0.as_deref()) {
+    let uri = match target(&base, &rest, query) {
         Some(u) => u,
         None => {
             let refusal = Refusal::from(Unjudgeable {
@@ -190,17 +184,16 @@ pub async fn handle(
     }
 }
 
-/// A judged part of the request: its (possibly redacted) value and whether it was redacted.
-type Judged<T> = (T, bool);
-
+/// The body to forward (redacted if need be), and whether it was redacted.
 fn judge(
     shared: &Shared,
     active: &Active,
     tool: &str,
     headers: &HeaderMap,
     body: Bytes,
+    path: &str,
     query: Option<&str>,
-) -> Result<(Judged<Bytes>, Judged<Option<String>>), Refusal> {
+) -> Result<(Bytes, bool), Refusal> {
     let text = std::str::from_utf8(&body).map_err(|e| Unjudgeable {
         reason: format!("the body is not valid UTF-8 (at byte {})", e.valid_up_to()),
     })?;
@@ -214,15 +207,24 @@ fn judge(
         CallVerdict::ForwardRedacted(new) => (Bytes::from(new), true),
         CallVerdict::Refuse(r) => return Err(r),
     };
-    let query = match query.filter(|q| !q.is_empty()) {
-        None => (None, false),
-        Some(q) => match check_call(active, &shared.metrics, tool, Content::Text(q)) {
-            CallVerdict::Forward => (Some(q.to_owned()), false),
-            CallVerdict::ForwardRedacted(new) => (Some(new.replace(' ', "%20")), true),
-            CallVerdict::Refuse(r) => return Err(r),
-        },
+    let url = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
     };
-    Ok((body, query))
+    if !url.is_empty() {
+        match check_call(active, &shared.metrics, tool, Content::Text(&url)) {
+            CallVerdict::Forward => {}
+            // A URL cannot be redacted without changing what it names.
+            CallVerdict::ForwardRedacted(_) => {
+                return Err(Unjudgeable {
+                    reason: "the URL carries sensitive data; send it in the body instead".into(),
+                }
+                .into());
+            }
+            CallVerdict::Refuse(r) => return Err(r),
+        }
+    }
+    Ok(body)
 }
 
 /// The tool's URL for `rest` (the path after `/tools/{name}`) and `query`.

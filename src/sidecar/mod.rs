@@ -205,18 +205,29 @@ async fn tool_route_root(
     Path(name): Path<String>,
     req: Request,
 ) -> Response<Body> {
-    tool(shared, name, String::new(), req).await
+    tool(shared, name, req).await
 }
 
 async fn tool_route(
     State(shared): State<Arc<Shared>>,
-    Path((name, rest)): Path<(String, String)>,
+    Path((name, _)): Path<(String, String)>,
     req: Request,
 ) -> Response<Body> {
-    tool(shared, name, rest, req).await
+    tool(shared, name, req).await
 }
 
-async fn tool(shared: Arc<Shared>, name: String, rest: String, req: Request) -> Response<Body> {
+/// The path after `/tools/{name}`, as the agent sent it (still percent-encoded: the extracted
+/// path parameters are decoded, and forwarding them decoded would change the request).
+fn raw_rest(path: &str) -> String {
+    let after = path.strip_prefix("/tools/").unwrap_or("");
+    match after.find('/') {
+        Some(i) => after[i..].to_owned(),
+        None => String::new(),
+    }
+}
+
+async fn tool(shared: Arc<Shared>, name: String, req: Request) -> Response<Body> {
+    let rest = raw_rest(req.uri().path());
     match shared.upstreams.get(&name) {
         Some(up) => match &up.transport {
             Transport::Http(base) => {
@@ -226,5 +237,17 @@ async fn tool(shared: Arc<Shared>, name: String, rest: String, req: Request) -> 
             _ => unknown_upstream(&name),
         },
         None => unknown_upstream(&name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raw_rest;
+
+    #[test]
+    fn the_rest_of_a_tool_path_stays_encoded() {
+        assert_eq!(raw_rest("/tools/web/a%2Fb/c"), "/a%2Fb/c");
+        assert_eq!(raw_rest("/tools/web"), "");
+        assert_eq!(raw_rest("/tools/web/"), "/");
     }
 }
