@@ -227,8 +227,9 @@ async fn policies_reload_and_a_bad_file_keeps_the_last_good_set() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mcp_server_over_stdio_is_spawned_served_and_restarted() {
     let exe = stdio_server_path();
+    let memory = "name: memory\nrules:\n  - type: execution_limit\n    max_memory_mb: 2048\n";
     let sidecar = Sidecar::start(
-        &[("safety.yaml", SAFETY)],
+        &[("safety.yaml", SAFETY), ("memory.yaml", memory)],
         &format!("  - name: local\n    mcp_command: [{}]\n", exe.display()),
     )
     .await;
@@ -254,6 +255,27 @@ async fn an_mcp_server_over_stdio_is_spawned_served_and_restarted() {
     // The process dies with the call in flight: that call gets an error, the next one a new
     // process (the session carries on).
     let first_pid = text(&call(&client, "pid", json!({})).await);
+    // It runs under the address-space limit of max_memory_mb, in its own process group.
+    let limits = std::fs::read_to_string(format!("/proc/{first_pid}/limits")).unwrap();
+    let address_space = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))
+        .unwrap();
+    assert!(
+        address_space.contains(&(2048u64 << 20).to_string()),
+        "{address_space}"
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{first_pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        fields[2], first_pid,
+        "the process leads its own group: {stat}"
+    );
     let crashed = client
         .call_tool(rmcp::model::CallToolRequestParams::new("crash"))
         .await;
