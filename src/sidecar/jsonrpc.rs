@@ -82,9 +82,15 @@ pub enum Request<'a> {
     ToolsList {
         id: &'a RawValue,
     },
-    /// A `tools/call` whose params cannot be read: refused, never forwarded unjudged.
+    /// A `tools/call` whose params cannot be read: refused, never forwarded unjudged. Without
+    /// an id (a notification) it is dropped.
     BadToolCall {
-        id: &'a RawValue,
+        id: Option<&'a RawValue>,
+        reason: String,
+    },
+    /// Not a JSON-RPC message the sidecar can read (not an object, a duplicate key, a method
+    /// that is not a string): refused, since the tool's parser might read it differently.
+    Invalid {
         reason: String,
     },
     /// Another request (with an id), to pass through.
@@ -97,10 +103,24 @@ pub enum Request<'a> {
 }
 
 pub fn classify(message: &RawValue) -> Request<'_> {
-    let Ok(env) = serde_json::from_str::<Envelope<'_>>(message.get()) else {
+    let env = match serde_json::from_str::<Envelope<'_>>(message.get()) {
+        Ok(env) => env,
+        Err(e) => {
+            return Request::Invalid {
+                reason: format!("not a readable JSON-RPC message: {e}"),
+            };
+        }
+    };
+    let Some(method) = env.method.as_deref() else {
         return Request::Other;
     };
-    let (Some(id), Some(method)) = (env.id, env.method.as_deref()) else {
+    let Some(id) = env.id else {
+        if method == "tools/call" {
+            return Request::BadToolCall {
+                id: None,
+                reason: "a tools/call without an id".into(),
+            };
+        }
         return Request::Other;
     };
     match method {
@@ -113,7 +133,7 @@ pub fn classify(message: &RawValue) -> Request<'_> {
                     arguments: p.arguments.map(RawValue::get).unwrap_or("{}"),
                 },
                 Err(e) => Request::BadToolCall {
-                    id,
+                    id: Some(id),
                     reason: format!("the params of tools/call are invalid: {e}"),
                 },
             }
@@ -132,12 +152,16 @@ pub enum Reply<'a> {
     Error {
         id: &'a RawValue,
     },
+    /// A notification or a request from the server.
     Other,
+    /// Not readable (a duplicate key, not an object): never shown to the agent, since its
+    /// parser might read it differently than the sidecar would.
+    Invalid,
 }
 
 pub fn classify_reply(message: &str) -> Reply<'_> {
     let Ok(env) = serde_json::from_str::<Envelope<'_>>(message) else {
-        return Reply::Other;
+        return Reply::Invalid;
     };
     match (env.id, env.method, env.result, env.error) {
         (Some(id), None, Some(result), _) => Reply::Result { id, result },
@@ -224,6 +248,39 @@ mod tests {
         assert!(matches!(&kinds[2], Request::Other));
         assert!(matches!(&kinds[3], Request::BadToolCall { .. }));
         assert!(matches!(&kinds[4], Request::OtherRequest { .. }));
+    }
+
+    #[test]
+    fn what_a_tool_might_read_differently_is_refused() {
+        let dup = RawValue::from_string(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call","params":{"name":"x"}}"#.into(),
+        )
+        .unwrap();
+        assert!(matches!(classify(&dup), Request::Invalid { .. }));
+        let dup_name = RawValue::from_string(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"ok","name":"shell"}}"#.into(),
+        )
+        .unwrap();
+        assert!(matches!(classify(&dup_name), Request::BadToolCall { .. }));
+        let escaped = RawValue::from_string(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools\/call","params":{"name":"shell"}}"#.into(),
+        )
+        .unwrap();
+        assert!(matches!(classify(&escaped), Request::ToolCall { tool, .. } if tool == "shell"));
+        let note = RawValue::from_string(
+            r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"shell"}}"#.into(),
+        )
+        .unwrap();
+        assert!(matches!(
+            classify(&note),
+            Request::BadToolCall { id: None, .. }
+        ));
+        let number = RawValue::from_string("42".into()).unwrap();
+        assert!(matches!(classify(&number), Request::Invalid { .. }));
+        assert!(matches!(
+            classify_reply(r#"{"jsonrpc":"2.0","id":1,"result":{},"result":{"x":1}}"#),
+            Reply::Invalid
+        ));
     }
 
     #[test]

@@ -168,7 +168,16 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
             Rpc::BadToolCall { id, reason } => {
                 let refusal = Refusal::from(Unjudgeable { reason });
                 tracker.refused("", &refusal);
-                local.push(rescue::request_error(Some(id.get()), &refusal));
+                // A notification gets no answer; it is dropped all the same.
+                if let Some(id) = id {
+                    local.push(rescue::request_error(Some(id.get()), &refusal));
+                }
+                modified = true;
+            }
+            Rpc::Invalid { reason } => {
+                let refusal = Refusal::from(Unjudgeable { reason });
+                tracing::warn!(upstream = %up.name, error = %refusal, "unreadable message refused");
+                local.push(rescue::request_error(None, &refusal));
                 modified = true;
             }
             Rpc::ToolsList { id } => {
@@ -192,6 +201,9 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
     }
     let batch = parsed.batch;
     if forward.is_empty() {
+        if local.is_empty() {
+            return accepted();
+        }
         return rescue::json_response(StatusCode::OK, jsonrpc::join(&local, batch));
     }
     let out = if modified {
@@ -246,6 +258,12 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
     res
 }
 
+fn accepted() -> Response<Body> {
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = StatusCode::ACCEPTED;
+    res
+}
+
 /// The deadline of a forwarded call under a strict `max_execution_time_ms`, and the refusal
 /// that answers it.
 fn deadline(active: &Active) -> Option<(Instant, Refusal)> {
@@ -293,9 +311,10 @@ async fn json_answer(
         },
         None => reading.await,
     };
+    let upstream = tracker.upstream().to_owned();
     let failed = |reason: String| {
         Refusal::from(UpstreamFailed {
-            upstream: tracker.upstream().to_owned(),
+            upstream: upstream.clone(),
             reason,
         })
     };
@@ -327,15 +346,22 @@ async fn json_answer(
     let mut out: Vec<String> = Vec::with_capacity(parsed.messages.len() + local.len());
     for msg in &parsed.messages {
         match inspect(&mut tracker, active, msg.get()) {
-            Some(new) => {
+            Inspected::Keep => out.push(msg.get().to_owned()),
+            Inspected::Replace(new) => {
                 changed = true;
                 out.push(new);
             }
-            None => out.push(msg.get().to_owned()),
+            Inspected::Drop => changed = true,
         }
     }
     let reply_batch = parsed.batch;
     drop(parsed);
+    if tracker.has_pending() {
+        // Requests the server did not answer (or answered unreadably) still get an answer.
+        let refusal = failed("it did not answer every request".into());
+        out.extend(tracker.fail_all(&refusal));
+        changed = true;
+    }
     if !changed && local.is_empty() {
         return Response::from_parts(parts, Body::from(bytes));
     }
@@ -350,8 +376,20 @@ struct ResultFlags {
     is_error: bool,
 }
 
-/// One message from the server: `Some(rewritten)` when the sidecar changed it.
-pub fn inspect(tracker: &mut Tracker, active: Option<&Active>, msg: &str) -> Option<String> {
+/// What becomes of one message from the server.
+pub enum Inspected {
+    Keep,
+    Replace(String),
+    /// Unreadable: not shown to the agent (its requests are answered as failed instead).
+    Drop,
+}
+
+/// One message from the server, judged if it answers a `tools/call` or `tools/list`.
+pub fn inspect(tracker: &mut Tracker, active: Option<&Active>, msg: &str) -> Inspected {
+    let replaced = |new: Option<String>| match new {
+        Some(m) => Inspected::Replace(m),
+        None => Inspected::Keep,
+    };
     match jsonrpc::classify_reply(msg) {
         Reply::Result { id, result } => match tracker.take(&jsonrpc::id_key(id)) {
             Some(Pending::Call(call)) => {
@@ -363,59 +401,38 @@ pub fn inspect(tracker: &mut Tracker, active: Option<&Active>, msg: &str) -> Opt
                             error: false,
                         },
                     );
-                    return None;
+                    return Inspected::Keep;
                 };
                 let is_error = serde_json::from_str::<ResultFlags>(result.get())
                     .map(|f| f.is_error)
                     .unwrap_or(false);
                 let upstream = tracker.upstream().to_owned();
                 let decided = if call.redacted { "redacted" } else { "allowed" };
-                match check_output(
+                let verdict = check_output(
                     active,
                     tracker.metrics(),
                     &upstream,
                     &call.tool,
                     Content::Json(result.get()),
-                ) {
-                    OutputVerdict::Pass => {
-                        tracker.finish(
-                            call,
-                            Finish {
-                                decision: decided,
-                                error: is_error,
-                            },
-                        );
-                        None
-                    }
-                    OutputVerdict::Redacted(text) => {
-                        tracker.finish(
-                            call,
-                            Finish {
-                                decision: "redacted",
-                                error: is_error,
-                            },
-                        );
-                        let value = serde_json::from_str(&text).ok()?;
-                        jsonrpc::with_result(msg, value)
-                    }
-                    OutputVerdict::Refuse(refusal) => {
-                        tracker.finish(
-                            call,
-                            Finish {
-                                decision: "blocked",
-                                error: true,
-                            },
-                        );
-                        jsonrpc::with_result(msg, rescue::tool_result(&refusal))
-                    }
-                }
+                );
+                let (decision, error) = match &verdict {
+                    OutputVerdict::Pass => (decided, is_error),
+                    OutputVerdict::Redacted(_) => ("redacted", is_error),
+                    OutputVerdict::Refuse(_) => ("blocked", true),
+                };
+                tracker.finish(call, Finish { decision, error });
+                apply(msg, &upstream, verdict)
             }
-            Some(Pending::List) => {
-                let filtered = filter_tools(active?, result)?;
-                jsonrpc::with_result(msg, filtered)
-            }
-            Some(Pending::Other) => None,
-            None => unmatched(tracker, active?, msg, result),
+            Some(Pending::List) => replaced(
+                active
+                    .and_then(|a| filter_tools(a, result))
+                    .and_then(|filtered| jsonrpc::with_result(msg, filtered)),
+            ),
+            Some(Pending::Other) => Inspected::Keep,
+            None => match active {
+                Some(active) => unmatched(tracker, active, msg, result),
+                None => Inspected::Keep,
+            },
         },
         Reply::Error { id } => {
             if let Some(Pending::Call(call)) = tracker.take(&jsonrpc::id_key(id)) {
@@ -428,32 +445,60 @@ pub fn inspect(tracker: &mut Tracker, active: Option<&Active>, msg: &str) -> Opt
                     },
                 );
             }
-            None
+            Inspected::Keep
         }
-        Reply::Other => None,
+        Reply::Other => Inspected::Keep,
+        Reply::Invalid => {
+            tracing::warn!(upstream = %tracker.upstream(), "dropped an unreadable message from the tool server");
+            Inspected::Drop
+        }
+    }
+}
+
+/// The message after the output filter's verdict. Output that cannot be rewritten is never
+/// passed on as it was (fail closed).
+fn apply(msg: &str, upstream: &str, verdict: OutputVerdict) -> Inspected {
+    let rewritten = match verdict {
+        OutputVerdict::Pass => return Inspected::Keep,
+        OutputVerdict::Redacted(text) => serde_json::from_str(&text)
+            .ok()
+            .and_then(|value| jsonrpc::with_result(msg, value)),
+        OutputVerdict::Refuse(refusal) => jsonrpc::with_result(msg, rescue::tool_result(&refusal)),
+    };
+    match rewritten {
+        Some(m) => Inspected::Replace(m),
+        None => {
+            let refusal = Refusal::from(UpstreamFailed {
+                upstream: upstream.to_owned(),
+                reason: "its output could not be redacted".into(),
+            });
+            match jsonrpc::classify_reply(msg) {
+                Reply::Result { id, .. } => {
+                    Inspected::Replace(rescue::tool_call_answer(&jsonrpc::id_key(id), &refusal))
+                }
+                _ => Inspected::Drop,
+            }
+        }
     }
 }
 
 /// A result the sidecar did not see the request of (a resumed stream, a GET stream): judged by
 /// its shape, so that a tool list or a tool result is never shown unfiltered.
-fn unmatched(tracker: &Tracker, active: &Active, msg: &str, result: &RawValue) -> Option<String> {
+fn unmatched(tracker: &Tracker, active: &Active, msg: &str, result: &RawValue) -> Inspected {
     let raw = result.get();
     if raw.contains("\"tools\"") {
         if let Some(filtered) = filter_tools(active, result) {
-            return jsonrpc::with_result(msg, filtered);
+            if let Some(m) = jsonrpc::with_result(msg, filtered) {
+                return Inspected::Replace(m);
+            }
         }
     }
     if raw.contains("\"content\"") {
         let upstream = tracker.upstream().to_owned();
-        return match check_output(active, tracker.metrics(), &upstream, "", Content::Json(raw)) {
-            OutputVerdict::Pass => None,
-            OutputVerdict::Redacted(text) => {
-                jsonrpc::with_result(msg, serde_json::from_str(&text).ok()?)
-            }
-            OutputVerdict::Refuse(r) => jsonrpc::with_result(msg, rescue::tool_result(&r)),
-        };
+        let verdict = check_output(active, tracker.metrics(), &upstream, "", Content::Json(raw));
+        return apply(msg, &upstream, verdict);
     }
-    None
+    Inspected::Keep
 }
 
 /// GET (the server's stream) and DELETE (end of session) pass through; a GET stream is still
@@ -581,12 +626,16 @@ async fn next_chunk(mut st: Stream) -> Option<(Result<Bytes, Infallible>, Stream
 
 impl Stream {
     fn event(&mut self, event: sse::Event) {
-        let rewritten = event
-            .data()
-            .and_then(|data| inspect(&mut self.tracker, self.active.as_deref(), &data));
-        match rewritten {
-            Some(new) => self.queue.push_back(Bytes::from(event.with_data(&new))),
-            None => self.queue.push_back(Bytes::from(event.into_raw())),
+        let inspected = match event.data() {
+            Some(data) if !data.trim().is_empty() => {
+                inspect(&mut self.tracker, self.active.as_deref(), &data)
+            }
+            _ => Inspected::Keep,
+        };
+        match inspected {
+            Inspected::Keep => self.queue.push_back(Bytes::from(event.into_raw())),
+            Inspected::Replace(new) => self.queue.push_back(Bytes::from(event.with_data(&new))),
+            Inspected::Drop => {}
         }
     }
 
