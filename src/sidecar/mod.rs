@@ -27,6 +27,7 @@ pub mod policies;
 pub mod policy_check;
 pub mod reload;
 pub mod rescue;
+mod serve;
 pub mod sse;
 pub mod stdio;
 mod time;
@@ -138,32 +139,25 @@ pub async fn run(
         admin = %admin.local_addr()?,
         "sidecar serving"
     );
-    let tools = axum::serve(listener, router(shared.clone()))
-        .with_graceful_shutdown(stopped(stop.clone()))
-        .into_future();
-    let admin = axum::serve(admin, admin::router(shared))
-        .with_graceful_shutdown(stopped(stop.clone()))
-        .into_future();
-    let servers = async { tokio::try_join!(tools, admin).map(|_| ()) };
-    tokio::pin!(servers);
-    tokio::pin!(shutdown);
-    let result = tokio::select! {
-        r = &mut servers => r,
-        _ = &mut shutdown => {
-            stop.cancel();
-            // Streams that do not end by themselves do not hold the sidecar up for long.
-            tokio::time::timeout(SHUTDOWN_GRACE, &mut servers).await.unwrap_or(Ok(()))
-        }
-    };
+    let tools = tokio::spawn(serve::serve(
+        listener,
+        router(shared.clone()),
+        stop.clone(),
+        SHUTDOWN_GRACE,
+    ));
+    let admin = tokio::spawn(serve::serve(
+        admin,
+        admin::router(shared),
+        stop.clone(),
+        SHUTDOWN_GRACE,
+    ));
+    shutdown.await;
     stop.cancel();
+    let _ = tokio::join!(tools, admin);
     for t in tasks {
         let _ = t.await;
     }
-    result
-}
-
-async fn stopped(stop: CancellationToken) {
-    stop.cancelled().await
+    Ok(())
 }
 
 /// The tool listener's routes.
