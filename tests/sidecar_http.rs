@@ -27,6 +27,13 @@ async fn tool_server() -> (String, CancellationToken) {
                 get(|| async { axum::Json(json!({"key": "AKIAIOSFODNN7EXAMPLE", "ok": true})) }),
             )
             .route(
+                "/api/pause",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    "paused"
+                }),
+            )
+            .route(
                 "/api/slow",
                 get(|| async {
                     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -172,6 +179,30 @@ async fn plain_http_tools_fail_closed() {
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("no_policy"), "{body}");
     assert_eq!(sidecar.admin_get("/readyz").await.0, 503);
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permissive_deadline_reports_instead_of_cutting() {
+    let (url, ct) = tool_server().await;
+    let permissive = "name: watch\nenforcement: permissive\nrules:\n  - type: execution_limit\n    max_execution_time_ms: 100\n";
+    let sidecar = Sidecar::start(
+        &[("watch.yaml", permissive)],
+        &format!("  - name: web\n    http_url: {url}\n"),
+    )
+    .await;
+    let (status, body) = send(reqwest::Method::GET, &sidecar.url("/tools/web/pause"), None).await;
+    assert_eq!((status, body.as_str()), (200, "paused"));
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"perfecx_policy_violations_total{policy="watch",rule="execution_limit"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
     sidecar.stop().await;
     ct.cancel();
 }

@@ -18,6 +18,13 @@ pub struct Call {
     span: tracing::Span,
 }
 
+impl Call {
+    /// Runs `f` inside the call's span (for the output filter's logs).
+    pub fn in_span<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.span.in_scope(f)
+    }
+}
+
 /// What an open request (with an id) in flight is.
 pub enum Pending {
     Call(Call),
@@ -29,6 +36,8 @@ pub struct Tracker {
     upstream: Arc<str>,
     metrics: Arc<Metrics>,
     pending: HashMap<String, Pending>,
+    /// A permissive `max_execution_time_ms`: calls that take longer are reported, not cut.
+    alert_after: Option<(std::time::Duration, String)>,
 }
 
 /// A call's end as counted.
@@ -44,7 +53,19 @@ impl Tracker {
             upstream,
             metrics,
             pending: HashMap::new(),
+            alert_after: None,
         }
+    }
+
+    /// Reports calls slower than a permissive policy's `max_execution_time_ms`.
+    pub fn alert_after(&mut self, active: &super::policies::Active) {
+        self.alert_after = active
+            .set
+            .limits()
+            .max_execution_time_ms
+            .as_ref()
+            .filter(|l| l.enforcement == perfecx_policy::Enforcement::Permissive)
+            .map(|l| (std::time::Duration::from_millis(l.value), l.policy.clone()));
     }
 
     pub fn upstream(&self) -> &str {
@@ -55,9 +76,14 @@ impl Tracker {
         &self.metrics
     }
 
+    /// The span of a call of `tool`: judge the call inside it so that its violations are
+    /// logged with the call.
+    pub fn span(&self, tool: &str) -> tracing::Span {
+        call_span(&self.upstream, tool)
+    }
+
     /// A call forwarded to the tool.
-    pub fn start_call(&mut self, id: String, tool: &str, redacted: bool) {
-        let span = call_span(&self.upstream, tool);
+    pub fn start_call(&mut self, id: String, tool: &str, redacted: bool, span: tracing::Span) {
         self.pending.insert(
             id,
             Pending::Call(Call {
@@ -86,8 +112,7 @@ impl Tracker {
     }
 
     /// A call the sidecar answered itself: it never reached the tool.
-    pub fn refused(&self, tool: &str, refusal: &Refusal) {
-        let span = call_span(&self.upstream, tool);
+    pub fn refused(&self, tool: &str, refusal: &Refusal, span: tracing::Span) {
         span.record("decision", "blocked");
         span.record("duration_ms", 0u64);
         let _g = span.enter();
@@ -114,6 +139,18 @@ impl Tracker {
         );
         call.span.record("error", finish.error);
         let _g = call.span.enter();
+        if let Some((limit, policy)) = &self.alert_after {
+            if elapsed > *limit {
+                self.metrics.violation(policy, "execution_limit");
+                tracing::warn!(
+                    policy = %policy,
+                    rule = "execution_limit",
+                    action = "alerted",
+                    limit_ms = limit.as_millis() as u64,
+                    "the tool took longer than the permissive limit"
+                );
+            }
+        }
         tracing::info!("tool call");
     }
 

@@ -28,11 +28,12 @@ pub async fn handle(
 ) -> Response<Body> {
     let tool: &str = &up.name;
     let tracker = Tracker::new(up.name.clone(), shared.metrics.clone());
+    let span = tracker.span(tool);
     let active = match shared.policies.current() {
         Ok(a) => a,
         Err(no) => {
             let refusal = Refusal::from(FailClosed { reason: no.reason });
-            tracker.refused(tool, &refusal);
+            tracker.refused(tool, &refusal, span);
             return rescue::http_error(&refusal);
         }
     };
@@ -58,10 +59,12 @@ pub async fn handle(
 
     // Judge the body, then the path and query: all of them carry arguments.
     let query = parts.uri.query();
-    let body = match judge(&shared, &active, tool, &parts.headers, bytes, &rest, query) {
+    let judged =
+        span.in_scope(|| judge(&shared, &active, tool, &parts.headers, bytes, &rest, query));
+    let body = match judged {
         Ok(judged) => judged,
         Err(refusal) => {
-            tracker.refused(tool, &refusal);
+            tracker.refused(tool, &refusal, span);
             return rescue::http_error(&refusal);
         }
     };
@@ -73,12 +76,13 @@ pub async fn handle(
             let refusal = Refusal::from(Unjudgeable {
                 reason: "the path cannot be forwarded".into(),
             });
-            tracker.refused(tool, &refusal);
+            tracker.refused(tool, &refusal, span);
             return rescue::http_error(&refusal);
         }
     };
     let mut tracker = tracker;
-    tracker.start_call(String::new(), tool, redacted);
+    tracker.alert_after(&active);
+    tracker.start_call(String::new(), tool, redacted, span);
     let deadline = deadline(&active);
     let call = async {
         let res = send_http(
@@ -149,7 +153,8 @@ pub async fn handle(
     } else {
         Content::Text(text)
     };
-    match check_output(&active, &shared.metrics, tool, tool, content) {
+    let verdict = call.in_span(|| check_output(&active, &shared.metrics, tool, tool, content));
+    match verdict {
         OutputVerdict::Pass => {
             tracker.finish(
                 call,

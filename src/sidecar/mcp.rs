@@ -128,7 +128,8 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
                 arguments,
             } => {
                 let id = jsonrpc::id_key(id);
-                let verdict = match &active {
+                let span = tracker.span(&tool);
+                let verdict = span.in_scope(|| match &active {
                     Ok(a) => check_call(a, &shared.metrics, &tool, Content::Json(arguments)),
                     Err(no) => CallVerdict::Refuse(
                         FailClosed {
@@ -136,7 +137,7 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
                         }
                         .into(),
                     ),
-                };
+                });
                 let verdict = match verdict {
                     CallVerdict::ForwardRedacted(args) => match jsonrpc::with_arguments(msg, &args)
                     {
@@ -151,15 +152,15 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
                 match verdict {
                     Ok(None) => {
                         forward.push(msg.get().to_owned());
-                        tracker.start_call(id, &tool, false);
+                        tracker.start_call(id, &tool, false, span);
                     }
                     Ok(Some(rewritten)) => {
                         forward.push(rewritten);
                         modified = true;
-                        tracker.start_call(id, &tool, true);
+                        tracker.start_call(id, &tool, true, span);
                     }
                     Err(refusal) => {
-                        tracker.refused(&tool, &refusal);
+                        tracker.refused(&tool, &refusal, span);
                         local.push(rescue::tool_call_answer(&id, &refusal));
                         modified = true;
                     }
@@ -167,7 +168,7 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
             }
             Rpc::BadToolCall { id, reason } => {
                 let refusal = Refusal::from(Unjudgeable { reason });
-                tracker.refused("", &refusal);
+                tracker.refused("", &refusal, tracker.span(""));
                 // A notification gets no answer; it is dropped all the same.
                 if let Some(id) = id {
                     local.push(rescue::request_error(Some(id.get()), &refusal));
@@ -216,7 +217,10 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
 
     // Forward, under the deadline when a call is in it.
     let deadline = match &active {
-        Some(a) if tracker.has_calls() => deadline(a),
+        Some(a) if tracker.has_calls() => {
+            tracker.alert_after(a);
+            deadline(a)
+        }
         _ => None,
     };
     let sending = send(shared, up, parts.method, &parts.headers, out);
@@ -408,13 +412,15 @@ pub fn inspect(tracker: &mut Tracker, active: Option<&Active>, msg: &str) -> Ins
                     .unwrap_or(false);
                 let upstream = tracker.upstream().to_owned();
                 let decided = if call.redacted { "redacted" } else { "allowed" };
-                let verdict = check_output(
-                    active,
-                    tracker.metrics(),
-                    &upstream,
-                    &call.tool,
-                    Content::Json(result.get()),
-                );
+                let verdict = call.in_span(|| {
+                    check_output(
+                        active,
+                        tracker.metrics(),
+                        &upstream,
+                        &call.tool,
+                        Content::Json(result.get()),
+                    )
+                });
                 let (decision, error) = match &verdict {
                     OutputVerdict::Pass => (decided, is_error),
                     OutputVerdict::Redacted(_) => ("redacted", is_error),
