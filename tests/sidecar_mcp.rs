@@ -332,3 +332,35 @@ fn stdio_server_path() -> std::path::PathBuf {
     assert!(path.exists(), "{} is missing", path.display());
     path
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_call_fails_while_policies_reload() {
+    let (upstream, ct) = mcp_server(true).await;
+    let sidecar = Sidecar::start(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: tools\n    mcp_url: {upstream}\n"),
+    )
+    .await;
+    let client = client(&sidecar.mcp_url("tools")).await;
+    let dir = sidecar.policy_dir.clone();
+    let writer = tokio::spawn(async move {
+        for i in 0..20 {
+            let text = format!(
+                "name: churn\nrules:\n  - type: content_filter\n    forbidden_patterns: [\"word{i}\"]\n"
+            );
+            write_policy(&dir, "churn.yaml", &text);
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
+    });
+    let mut calls = 0;
+    while !writer.is_finished() || calls < 20 {
+        let r = call(&client, "add", json!({"a": calls, "b": 1})).await;
+        assert!(!is_error(&r), "call {calls} failed during a reload: {r:?}");
+        assert_eq!(text(&r), (calls + 1).to_string());
+        calls += 1;
+    }
+    writer.await.unwrap();
+    client.cancel().await.unwrap();
+    sidecar.stop().await;
+    ct.cancel();
+}
