@@ -109,6 +109,16 @@ async fn upstream() -> (String, Seen, CancellationToken) {
             }),
         )
         .route(
+            "/plain",
+            post(|| async {
+                let answer = r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"key AKIAIOSFODNN7EXAMPLE"}]}}"#;
+                Response::builder()
+                    .header("content-type", "text/plain")
+                    .body(Body::from(answer))
+                    .unwrap()
+            }),
+        )
+        .route(
             "/hang",
             post(|| async {
                 tokio::time::sleep(Duration::from_secs(60)).await;
@@ -141,7 +151,7 @@ fn call(id: u64, tool: &str, args: Value) -> Value {
 }
 
 async fn sidecar_for(url: &str, extra: &str) -> Sidecar {
-    let upstreams = ["rpc", "sse", "garbage", "midstream", "hang", "dup"]
+    let upstreams = ["rpc", "sse", "garbage", "midstream", "hang", "dup", "plain"]
         .iter()
         .map(|p| format!("  - name: {p}\n    mcp_url: {url}/{p}\n"))
         .collect::<String>();
@@ -357,6 +367,14 @@ async fn messages_a_tool_might_read_differently_are_refused() {
     .await;
     assert!(!body.contains("AKIA"), "{body}");
     assert!(body.contains("isError"), "{body}");
+
+    // An answer labelled as something else is inspected all the same.
+    let (_, _, body) = post_json(
+        &sidecar.mcp_url("plain"),
+        call(1, "echo", json!({})).to_string(),
+    )
+    .await;
+    assert!(body.contains("[REDACTED:aws_access_key]"), "{body}");
     sidecar.stop().await;
     ct.cancel();
 }

@@ -256,7 +256,9 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
     if media_type_is(res.headers(), "text/event-stream") {
         return event_stream(res, tracker, active, deadline, local, cap);
     }
-    if media_type_is(res.headers(), "application/json") {
+    // Any other media type is read as JSON all the same when answers are awaited: an answer
+    // must not reach the agent uninspected because of its label.
+    if media_type_is(res.headers(), "application/json") || tracker.has_pending() {
         return json_answer(res, tracker, active.as_deref(), deadline, local, batch, cap).await;
     }
     res
