@@ -137,6 +137,7 @@ async fn post_json(url: &str, body: impl Into<reqwest::Body>) -> (u16, HeaderMap
         .header("accept", "application/json, text/event-stream")
         .header("mcp-session-id", "session-1")
         .header("mcp-protocol-version", "2025-06-18")
+        .header("accept-encoding", "gzip, br")
         .body(body)
         .send()
         .await
@@ -192,6 +193,10 @@ async fn in_a_batch_only_the_blocked_call_is_answered_by_the_sidecar() {
     assert!(forwarded.contains("notifications/initialized"));
     assert_eq!(headers["mcp-session-id"], "session-1");
     assert_eq!(headers["mcp-protocol-version"], "2025-06-18");
+    assert!(
+        headers.get("accept-encoding").is_none(),
+        "answers must come uncompressed"
+    );
     sidecar.stop().await;
     ct.cancel();
 }

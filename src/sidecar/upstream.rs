@@ -83,6 +83,8 @@ pub async fn send_http(
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.headers_mut() = forwardable(headers);
+    // Answers are inspected, so they must come uncompressed.
+    req.headers_mut().remove(header::ACCEPT_ENCODING);
     let res = client.request(req).await.map_err(|e| UpstreamFailed {
         upstream: upstream.to_owned(),
         reason: describe_client_error(&e),
