@@ -638,6 +638,8 @@ impl Stream {
             Some(data) if !data.trim().is_empty() => {
                 inspect(&mut self.tracker, self.active.as_deref(), &data)
             }
+            // Data that is not UTF-8 cannot be inspected, so it is not passed on.
+            None if event.has_data() => Inspected::Drop,
             _ => Inspected::Keep,
         };
         match inspected {

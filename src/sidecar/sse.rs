@@ -25,6 +25,12 @@ impl Event {
             .filter(|l| !l.is_empty())
     }
 
+    /// Whether the event has a `data` field at all.
+    pub fn has_data(&self) -> bool {
+        self.lines()
+            .any(|l| l.starts_with(b"data:") || l == b"data")
+    }
+
     /// The event's data (lines joined by `\n`), if it has any and it is UTF-8.
     pub fn data(&self) -> Option<String> {
         let mut data: Option<String> = None;
@@ -154,6 +160,14 @@ mod tests {
         let rewritten = all[0].with_data("{}");
         assert_eq!(rewritten, b"id: 1\nevent: message\ndata: {}\n\n");
         assert!(p.finish().is_none());
+    }
+
+    #[test]
+    fn tells_missing_data_from_unreadable_data() {
+        let mut p = Parser::new(64);
+        let events = p.push(b"id: 1\n\ndata: \xff\n\n").unwrap();
+        assert!(!events[0].has_data());
+        assert!(events[1].has_data() && events[1].data().is_none());
     }
 
     #[test]
