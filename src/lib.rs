@@ -3,5 +3,6 @@
 //! The policy engine itself is the `perfecx-policy` crate; this crate holds what touches files,
 //! sockets and processes.
 
+pub mod policy_cmd;
 pub mod policy_files;
 pub mod sidecar;

@@ -1,23 +1,33 @@
+//! The `perfecx` command: one binary for the policy tools, the sidecar and the control plane.
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use perfecx::policy_cmd::{self, PolicyCommand};
 
-/// perfecx: a policy-engine sidecar for AI agent tool calls.
-#[derive(Parser)]
-#[command(name = "perfecx", version)]
+#[derive(Debug, Parser)]
+#[command(
+    name = "perfecx",
+    version,
+    about = "Policy-engine sidecar and control plane for AI agents' tool calls"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
-#[derive(Subcommand)]
+#[derive(Debug, Subcommand)]
 enum Command {
+    /// Check, test and explain policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Run the sidecar that the agent's tool calls pass through.
     Sidecar(perfecx::sidecar::cli::SidecarArgs),
 }
 
 fn main() -> ExitCode {
     match Cli::parse().command {
+        Command::Policy(cmd) => policy_cmd::run(cmd),
         Command::Sidecar(args) => perfecx::sidecar::cli::main(args),
     }
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use aho_corasick::{AhoCorasick, AhoCorasickBuilder, MatchKind};
+use aho_corasick::AhoCorasick;
 use regex::RegexSet;
 use serde::Serialize;
 
@@ -12,7 +12,7 @@ use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::glob::ToolMatcher;
 use crate::model::{Enforcement, Policy, Rule, RuleKind, SensitiveAction};
 use crate::normalize::normalize_pattern;
-use crate::sensitive::{Detector, SensitiveKind};
+use crate::sensitive::{Detector, KindSet, SensitiveKind, trigger_automaton};
 
 /// What `memory_protection` rules forbid unless they name their own patterns: the common
 /// phrasings of prompt injection, which must not be written into an agent's memory.
@@ -74,7 +74,9 @@ pub(crate) struct ToolRule {
     pub forbidden: ToolMatcher,
 }
 
-/// The limits in force for every call: the strictest value of each, and the policy it came from.
+/// The limits in force for every call, each with the policy it came from: the smallest value
+/// among strict policies; a permissive policy's (to report, not enforce) only where no strict
+/// policy sets one.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Limits {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -95,6 +97,9 @@ pub struct Limit {
 #[derive(Debug)]
 pub(crate) struct Patterns {
     pub ac: AhoCorasick,
+    /// For each automaton pattern, the sensitive kinds it is a trigger of (see
+    /// [`Detector`]): one pass finds forbidden patterns and sensitive-data candidates alike.
+    pub triggers: Vec<KindSet>,
     /// Whether any pattern belongs to a content filter (which applies to every tool), rather than
     /// only to memory protection.
     pub any_content_filter: bool,
@@ -282,35 +287,43 @@ impl PolicySet {
             }
         }
 
-        if !normalized.is_empty() {
-            let ac = AhoCorasickBuilder::new()
-                .match_kind(MatchKind::Standard)
-                .ascii_case_insensitive(true)
-                .build(&normalized)
-                .map_err(|e| {
-                    Diagnostic::document(
-                        "<policy set>",
-                        format!("too many forbidden patterns to compile: {e}"),
-                    )
-                })?;
-            let any_content_filter = owners
-                .iter()
-                .flatten()
-                .any(|o| o.kind == RuleKind::ContentFilter);
-            set.patterns = Some(Patterns {
-                ac,
-                any_content_filter,
-                owners,
-            });
-        }
+        let any_content_filter = owners
+            .iter()
+            .flatten()
+            .any(|o| o.kind == RuleKind::ContentFilter);
+        let mut triggers: Vec<KindSet> = vec![0; normalized.len()];
         if !sensitive_rules.is_empty() {
             let kinds: Vec<SensitiveKind> = SensitiveKind::ALL
                 .into_iter()
                 .filter(|k| all_kinds[k.index()])
                 .collect();
+            let detector = Detector::new(&kinds);
+            for (word, kind) in detector.trigger_words() {
+                let id = *pattern_ids.entry(word.to_owned()).or_insert_with(|| {
+                    normalized.push(word.to_owned());
+                    owners.push(Vec::new());
+                    triggers.push(0);
+                    owners.len() - 1
+                });
+                triggers[id] |= 1 << kind.index();
+            }
             set.sensitive = Some(Sensitive {
-                detector: Detector::new(&kinds),
+                detector,
                 rules: sensitive_rules,
+            });
+        }
+        if !normalized.is_empty() {
+            let ac = trigger_automaton(&normalized).map_err(|e| {
+                Diagnostic::document(
+                    "<policy set>",
+                    format!("too many forbidden patterns to compile: {e}"),
+                )
+            })?;
+            set.patterns = Some(Patterns {
+                ac,
+                triggers,
+                any_content_filter,
+                owners,
             });
         }
         Ok(set)
@@ -341,9 +354,20 @@ impl PolicySet {
     }
 }
 
+/// Keeps the limit in force: a strict policy's limit over a permissive one's (which is only
+/// reported, so it must not hide an enforced one), and the smaller of two alike.
 fn tighten(slot: &mut Option<Limit>, value: Option<u64>, policy: &Policy) {
     let Some(value) = value else { return };
-    if slot.as_ref().is_none_or(|l| value < l.value) {
+    let strict = |e: Enforcement| e == Enforcement::Strict;
+    let wins =
+        slot.as_ref().is_none_or(
+            |l| match (strict(policy.enforcement), strict(l.enforcement)) {
+                (true, false) => true,
+                (false, true) => false,
+                _ => value < l.value,
+            },
+        );
+    if wins {
         *slot = Some(Limit {
             value,
             policy: policy.name.clone(),

@@ -247,6 +247,14 @@ impl Decoder<'_> {
             YamlData::Value(Scalar::Boolean(b)) => Some(*b),
             _ => {
                 self.wrong_type(node, path, "`true` or `false`");
+                if let YamlData::Value(Scalar::String(v)) = &node.data
+                    && ["yes", "no", "on", "off", "y", "n"]
+                        .contains(&v.to_ascii_lowercase().as_str())
+                {
+                    self.help(
+                        "policies are read as YAML 1.2, where only `true` and `false` are booleans",
+                    );
+                }
                 None
             }
         }
@@ -553,9 +561,13 @@ impl Decoder<'_> {
             .and_then(|(p, v)| self.string_list(v, &p, "allowlist value", &no_check));
         let allowlist_patterns = get("allowlist_patterns").and_then(|(p, v)| {
             self.string_list(v, &p, "allowlist pattern", &|s| {
-                regex::Regex::new(s)
-                    .map(|_| ())
-                    .map_err(|e| format!("invalid regular expression: {e}"))
+                regex::Regex::new(s).map(|_| ()).map_err(|e| {
+                    // The regex crate renders a multi-line report; its last line is the reason.
+                    let full = e.to_string();
+                    let reason = full.lines().last().unwrap_or_default();
+                    let reason = reason.trim_start_matches("error: ");
+                    format!("invalid regular expression `{s}`: {reason}")
+                })
             })
         });
         let detects = detection.unwrap_or(false);
@@ -604,7 +616,8 @@ fn no_check(_: &str) -> Result<(), String> {
 fn pattern_check(p: &str) -> Result<(), String> {
     if normalize_pattern(p).trim().is_empty() {
         return Err(format!(
-            "the pattern `{p}` is empty once normalized (only spaces or invisible characters)"
+            "the pattern `{}` is empty once normalized (only spaces or invisible characters)",
+            p.escape_debug()
         ));
     }
     Ok(())

@@ -21,9 +21,8 @@ pub struct Diagnostic {
     /// What was expected, or how to fix it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub help: Option<String>,
-    /// The offending source line and the width to underline from `column`.
     #[serde(skip)]
-    excerpt: Option<(String, usize)>,
+    excerpt: Option<Excerpt>,
 }
 
 impl Diagnostic {
@@ -39,7 +38,7 @@ impl Diagnostic {
         let excerpt = text
             .lines()
             .nth(line.saturating_sub(1))
-            .map(|l| (l.to_owned(), len.max(1)));
+            .map(|l| Excerpt::new(l, col, len));
         Diagnostic {
             source: source.to_owned(),
             line: line.max(1),
@@ -70,7 +69,7 @@ impl Diagnostic {
     }
 
     /// Places a document-level diagnostic at a known position, without an excerpt.
-    pub(crate) fn located(mut self, line: usize, column: usize, path: &str) -> Diagnostic {
+    pub fn located(mut self, line: usize, column: usize, path: &str) -> Diagnostic {
         self.line = line.max(1);
         self.column = column.max(1);
         self.path = path.to_owned();
@@ -102,18 +101,13 @@ impl fmt::Display for Diagnostic {
         if !self.path.is_empty() {
             write!(f, " ({})", self.path)?;
         }
-        if let Some((text, width)) = &self.excerpt {
-            let shown: String = text
-                .chars()
-                .map(|c| if c == '\t' { ' ' } else { c })
-                .collect();
-            let indent = " ".repeat(self.column - 1);
-            let available = shown.chars().count().saturating_sub(self.column - 1).max(1);
-            let carets = "^".repeat((*width).min(available));
+        if let Some(e) = &self.excerpt {
+            let indent = " ".repeat(e.caret);
+            let carets = "^".repeat(e.width);
             write!(
                 f,
-                "\n{pad} |\n{} | {shown}\n{pad} | {indent}{carets}",
-                self.line
+                "\n{pad} |\n{} | {}\n{pad} | {indent}{carets}",
+                self.line, e.text
             )?;
         }
         if let Some(help) = &self.help {
@@ -124,6 +118,47 @@ impl fmt::Display for Diagnostic {
 }
 
 impl std::error::Error for Diagnostic {}
+
+/// The source line shown under a diagnostic: at most [`Excerpt::WIDTH`] characters around the
+/// column, tabs shown as spaces, with the caret position and underline width within it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Excerpt {
+    text: String,
+    caret: usize,
+    width: usize,
+}
+
+impl Excerpt {
+    const WIDTH: usize = 100;
+
+    fn new(line: &str, col: usize, len: usize) -> Excerpt {
+        let chars: Vec<char> = line
+            .chars()
+            .map(|c| if c == '\t' { ' ' } else { c })
+            .collect();
+        let start = if chars.len() <= Self::WIDTH {
+            0
+        } else {
+            col.saturating_sub(Self::WIDTH / 3).min(chars.len())
+        };
+        let end = (start + Self::WIDTH).min(chars.len());
+        let mut text: String = chars[start..end].iter().collect();
+        let mut caret = col - start;
+        if start > 0 {
+            text.insert(0, '…');
+            caret += 1;
+        }
+        if end < chars.len() {
+            text.push('…');
+        }
+        let available = (end.saturating_sub(col)).max(1);
+        Excerpt {
+            text,
+            caret,
+            width: len.clamp(1, available),
+        }
+    }
+}
 
 /// Every problem found in one or more documents; never empty.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -6,13 +6,13 @@
 
 use std::cell::RefCell;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::compile::{Limits, PolicySet, RuleRef};
 use crate::json::{JsonError, Scanner, TokenKind, push_json_string};
 use crate::model::{Enforcement, RuleKind, SensitiveAction};
 use crate::normalize::Normalizer;
-use crate::sensitive::{Finding, mask};
+use crate::sensitive::{Finding, KindSet, mask};
 
 /// What is evaluated: JSON text (a call's arguments, a structured result) or plain text.
 #[derive(Debug, Clone, Copy)]
@@ -22,7 +22,7 @@ pub enum Content<'a> {
 }
 
 /// What the caller must do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
     /// Forward the call (or return the output) as it is.
@@ -237,9 +237,9 @@ impl PolicySet {
     ) -> Result<(), JsonError> {
         with_scratch(|Scratch { scanner, norm }| {
             let mut visit = |kind: TokenKind, text: &str, key: Option<&str>| {
-                self.match_patterns(tool, norm.normalize(text), kind, dir, out);
+                let triggered = self.match_patterns(tool, norm.normalize(text), kind, dir, out);
                 if kind != TokenKind::Key {
-                    self.match_sensitive(text, key, dir, out);
+                    self.match_sensitive(text, key, triggered, dir, out);
                 }
             };
             match content {
@@ -252,6 +252,8 @@ impl PolicySet {
         })
     }
 
+    /// Reports the forbidden patterns in `text` (normalized); returns the sensitive kinds whose
+    /// triggers it holds.
     fn match_patterns<'s>(
         &'s self,
         tool: &str,
@@ -259,13 +261,17 @@ impl PolicySet {
         kind: TokenKind,
         dir: Direction,
         out: &mut Vec<Violation<'s>>,
-    ) {
-        let Some(p) = &self.patterns else { return };
+    ) -> KindSet {
+        let Some(p) = &self.patterns else { return 0 };
+        // One fast pass (with the automaton's prefilter) settles the common case of no match.
         if !p.ac.is_match(text) {
-            return;
+            return 0;
         }
+        let mut triggered = 0;
         for m in p.ac.find_overlapping_iter(text) {
-            for owner in &p.owners[m.pattern().as_usize()] {
+            let id = m.pattern().as_usize();
+            triggered |= p.triggers[id];
+            for owner in &p.owners[id] {
                 if owner.kind == RuleKind::MemoryProtection
                     && (dir == Direction::Output
                         || !self
@@ -304,52 +310,55 @@ impl PolicySet {
                 ));
             }
         }
+        triggered
     }
 
     fn match_sensitive<'s>(
         &'s self,
         text: &str,
         key: Option<&str>,
+        triggered: KindSet,
         dir: Direction,
         out: &mut Vec<Violation<'s>>,
     ) {
         let Some(s) = &self.sensitive else { return };
-        s.detector.scan(text, key, &mut |f: Finding| {
-            let value = &text[f.start..f.end];
-            for rule in &s.rules {
-                if !rule.kinds[f.kind.index()] || rule.allows(value) {
-                    continue;
-                }
-                let action = match (dir, rule.action) {
-                    (Direction::Output, _) | (Direction::Call, SensitiveAction::Redact) => {
-                        Action::Redacted
+        s.detector
+            .scan(text, key, Some(triggered), &mut |f: Finding| {
+                let value = &text[f.start..f.end];
+                for rule in &s.rules {
+                    if !rule.kinds[f.kind.index()] || rule.allows(value) {
+                        continue;
                     }
-                    (Direction::Call, SensitiveAction::Block) => Action::Blocked,
-                };
-                let matched = format!("{}: {}", f.kind, mask(value));
-                let policy = self.policies[rule.at.policy].name.as_str();
-                if out.iter().any(|v| {
-                    v.policy == policy
-                        && v.rule_index == rule.at.rule
-                        && v.matched.as_deref() == Some(&matched)
-                }) {
-                    continue;
+                    let action = match (dir, rule.action) {
+                        (Direction::Output, _) | (Direction::Call, SensitiveAction::Redact) => {
+                            Action::Redacted
+                        }
+                        (Direction::Call, SensitiveAction::Block) => Action::Blocked,
+                    };
+                    let matched = format!("{}: {}", f.kind, mask(value));
+                    let policy = self.policies[rule.at.policy].name.as_str();
+                    if out.iter().any(|v| {
+                        v.policy == policy
+                            && v.rule_index == rule.at.rule
+                            && v.matched.as_deref() == Some(&matched)
+                    }) {
+                        continue;
+                    }
+                    let place = if dir == Direction::Call {
+                        "the arguments"
+                    } else {
+                        "the output"
+                    };
+                    let detail = format!("sensitive data ({}) in {place}", f.kind);
+                    out.push(self.violation(
+                        rule.at,
+                        RuleKind::ContentFilter,
+                        action,
+                        detail,
+                        Some(matched),
+                    ));
                 }
-                let place = if dir == Direction::Call {
-                    "the arguments"
-                } else {
-                    "the output"
-                };
-                let detail = format!("sensitive data ({}) in {place}", f.kind);
-                out.push(self.violation(
-                    rule.at,
-                    RuleKind::ContentFilter,
-                    action,
-                    detail,
-                    Some(matched),
-                ));
-            }
-        });
+            });
     }
 
     fn redact(&self, content: Content<'_>, dir: Direction) -> Result<Option<String>, JsonError> {
@@ -367,7 +376,7 @@ impl PolicySet {
         let mut findings: Vec<Finding> = Vec::new();
         let collect = |text: &str, key: Option<&str>, findings: &mut Vec<Finding>| {
             findings.clear();
-            s.detector.scan(text, key, &mut |f| {
+            s.detector.scan(text, key, None, &mut |f| {
                 if redacts(&f, &text[f.start..f.end]) {
                     findings.push(f);
                 }

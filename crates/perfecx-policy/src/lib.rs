@@ -40,6 +40,8 @@ mod compile;
 mod decode;
 mod diagnostic;
 mod evaluate;
+#[doc(hidden)]
+pub mod fuzzing;
 mod glob;
 mod json;
 mod model;

@@ -5,7 +5,7 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::sensitive::SensitiveKind;
 
@@ -81,7 +81,7 @@ impl Rule {
 }
 
 /// The rule types, as named in documents, violations and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RuleKind {
     ToolRestriction,
@@ -149,6 +149,7 @@ pub struct ContentFilter {
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub sensitive_data_types: Vec<SensitiveKind>,
     /// What sensitive data in a call's arguments does under a strict policy.
+    #[serde(skip_serializing_if = "SensitiveAction::is_default")]
     pub sensitive_data_action: SensitiveAction,
     /// Literal values that are never reported as sensitive.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -169,6 +170,10 @@ pub enum SensitiveAction {
 }
 
 impl SensitiveAction {
+    fn is_default(&self) -> bool {
+        *self == SensitiveAction::default()
+    }
+
     pub const ALL: [(&'static str, SensitiveAction); 2] = [
         ("block", SensitiveAction::Block),
         ("redact", SensitiveAction::Redact),

@@ -6,6 +6,7 @@
 
 use std::fmt;
 
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use regex::{Regex, RegexSet};
 use serde::Serialize;
 
@@ -71,7 +72,7 @@ impl SensitiveKind {
     /// ASCII-only syntax (`(?-u)`) keeps the lazy DFA fast on any input.
     fn pattern(self) -> &'static str {
         match self {
-            SensitiveKind::CreditCard => r"(?-u)\b(?:[0-9][ -]?){12,18}[0-9]\b",
+            SensitiveKind::CreditCard => r"(?-u)\b[0-9](?:[ -]?[0-9]){12,18}\b",
             SensitiveKind::UsSsn => r"(?-u)\b[0-9]{3}[- ][0-9]{2}[- ][0-9]{4}\b",
             SensitiveKind::Email => {
                 r"(?-u)\b[A-Za-z0-9._%+-]{1,64}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}\b"
@@ -93,19 +94,20 @@ impl SensitiveKind {
                 r"(?-u)-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY( BLOCK)?-----"
             }
             SensitiveKind::GenericApiKey => {
-                r#"(?-u)(?i:api[_-]?key|secret|token|access[_-]?key|auth|passw(?:or)?d|pwd|credential)s?["']?[ \t]*[:=][ \t]*["']?([A-Za-z0-9_+/=.-]{16,})"#
+                r#"(?-u)(?i:api[_-]?key|apikey|secret|token|access[_-]?key|passw(?:or)?d|pwd|credential|authorization)s?["']?[ \t]*[:=][ \t]*["']?(?i:bearer )?([A-Za-z0-9_+/=.-]{16,})"#
             }
         }
     }
 
-    /// Whether `m` (a match of [`Self::pattern`]) is real data of this kind.
-    fn validate(self, m: &str, caps_value: &str) -> bool {
+    /// Whether `m` (a match of [`Self::pattern`], or its captured value for a generic key) is
+    /// real data of this kind.
+    fn validate(self, m: &str) -> bool {
         match self {
             SensitiveKind::CreditCard => is_card_number(m),
             SensitiveKind::UsSsn => is_ssn(m),
             SensitiveKind::Phone => is_phone(m),
             SensitiveKind::Iban => is_iban(m),
-            SensitiveKind::GenericApiKey => looks_like_secret(caps_value),
+            SensitiveKind::GenericApiKey => looks_like_secret(m),
             _ => true,
         }
     }
@@ -125,38 +127,128 @@ pub struct Finding {
     pub end: usize,
 }
 
+/// A set of kinds, as bits indexed by [`SensitiveKind::index`].
+pub(crate) type KindSet = u16;
+
+/// Runs of digits (with spaces, dashes, dots, brackets, `+`, `/` and capital letters between
+/// them) shorter than this cannot be any numeric kind: an SSN has 9 digits, the rest more.
+const MIN_NUMERIC_DIGITS: usize = 9;
+
 /// The compiled detectors for a chosen set of kinds.
+///
+/// Scanning every string with every kind's expression would cost a pass per kind. Instead each
+/// kind has a cheap gate: the literal kinds a trigger (`@`, `AKIA`, `ghp_`, `eyJ`, `secret`, ...)
+/// found by an Aho-Corasick automaton — the policy set folds these triggers into its one
+/// automaton of forbidden patterns, so they cost nothing extra — and the numeric kinds (cards,
+/// SSNs, phones, IBANs) a run of at least nine digits, found by a byte loop. Only what passes a
+/// gate meets the kind's regular expression (the numeric ones as one `RegexSet`) and validator.
 #[derive(Debug)]
 pub(crate) struct Detector {
-    set: RegexSet,
-    /// Parallel to the set's patterns.
-    kinds: Vec<SensitiveKind>,
-    regexes: Vec<Regex>,
+    kinds: KindSet,
+    regexes: Vec<Option<Regex>>,
+    triggers: Option<AhoCorasick>,
+    trigger_kinds: Vec<SensitiveKind>,
+    numeric: Option<(RegexSet, Vec<SensitiveKind>)>,
+}
+
+impl SensitiveKind {
+    fn bit(self) -> KindSet {
+        1 << self.index()
+    }
+
+    /// Literals of which at least one occurs (ignoring ASCII case) in every match; empty for the
+    /// numeric kinds.
+    pub(crate) fn triggers(self) -> &'static [&'static str] {
+        match self {
+            SensitiveKind::Email => &["@"],
+            SensitiveKind::AwsAccessKey => &["akia", "asia", "abia", "acca"],
+            SensitiveKind::GithubToken => &["ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_"],
+            SensitiveKind::GitlabToken => &["glpat-"],
+            SensitiveKind::SlackToken => &["xoxa-", "xoxb-", "xoxp-", "xoxo-", "xoxs-", "xoxr-"],
+            SensitiveKind::Jwt => &["eyj"],
+            SensitiveKind::PrivateKey => &["private key"],
+            SensitiveKind::GenericApiKey => &[
+                "api_key",
+                "api-key",
+                "apikey",
+                "secret",
+                "token",
+                "access_key",
+                "access-key",
+                "password",
+                "passwd",
+                "pwd",
+                "credential",
+                "authorization",
+            ],
+            SensitiveKind::CreditCard
+            | SensitiveKind::UsSsn
+            | SensitiveKind::Phone
+            | SensitiveKind::Iban => &[],
+        }
+    }
 }
 
 impl Detector {
     pub(crate) fn new(kinds: &[SensitiveKind]) -> Detector {
-        let patterns: Vec<&str> = kinds.iter().map(|k| k.pattern()).collect();
         // The patterns are constants covered by tests; a failure here is a bug, not input.
         #[allow(clippy::expect_used)]
-        let set = RegexSet::new(&patterns).expect("sensitive-data patterns compile");
-        #[allow(clippy::expect_used)]
-        let regexes = patterns
+        let regexes = SensitiveKind::ALL
             .iter()
-            .map(|p| Regex::new(p).expect("sensitive-data pattern compiles"))
+            .map(|k| {
+                kinds
+                    .contains(k)
+                    .then(|| Regex::new(k.pattern()).expect("sensitive-data pattern compiles"))
+            })
             .collect();
+        let (trigger_words, trigger_kinds): (Vec<&str>, Vec<SensitiveKind>) = kinds
+            .iter()
+            .flat_map(|k| k.triggers().iter().map(move |t| (*t, *k)))
+            .unzip();
+        #[allow(clippy::expect_used)]
+        let triggers = (!trigger_words.is_empty())
+            .then(|| trigger_automaton(&trigger_words).expect("trigger automaton builds"));
+        let numeric_kinds: Vec<SensitiveKind> = kinds
+            .iter()
+            .copied()
+            .filter(|k| k.triggers().is_empty())
+            .collect();
+        #[allow(clippy::expect_used)]
+        let numeric = (!numeric_kinds.is_empty()).then(|| {
+            let set = RegexSet::new(numeric_kinds.iter().map(|k| k.pattern()))
+                .expect("numeric patterns compile");
+            (set, numeric_kinds)
+        });
         Detector {
-            set,
-            kinds: kinds.to_vec(),
+            kinds: kinds.iter().fold(0, |acc, k| acc | k.bit()),
             regexes,
+            triggers,
+            trigger_kinds,
+            numeric,
         }
     }
 
+    /// Every (trigger, kind) pair this detector looks for, for an automaton shared with other
+    /// patterns.
+    pub(crate) fn trigger_words(&self) -> impl Iterator<Item = (&'static str, SensitiveKind)> + '_ {
+        SensitiveKind::ALL
+            .into_iter()
+            .filter(|k| self.kinds & k.bit() != 0)
+            .flat_map(|k| k.triggers().iter().map(move |t| (*t, k)))
+    }
+
     /// Calls `found` for each validated finding in `text`. `key` is the JSON key the text is the
-    /// value of, if any: a key such as `api_key` is context for a generic secret.
-    pub(crate) fn scan(&self, text: &str, key: Option<&str>, found: &mut dyn FnMut(Finding)) {
+    /// value of, if any: a key such as `api_key` is context for a generic secret. `triggered` is
+    /// the set of literal kinds whose triggers occur in `text`, when the caller already knows it.
+    pub(crate) fn scan(
+        &self,
+        text: &str,
+        key: Option<&str>,
+        triggered: Option<KindSet>,
+        found: &mut dyn FnMut(Finding),
+    ) {
         if let Some(key) = key
-            && self.kinds.contains(&SensitiveKind::GenericApiKey)
+            && self.kinds & SensitiveKind::GenericApiKey.bit() != 0
             && is_secret_key_name(key)
             && looks_like_secret(text)
         {
@@ -170,34 +262,106 @@ impl Detector {
         if text.len() < 8 {
             return;
         }
-        for i in self.set.matches(text).iter() {
-            let kind = self.kinds[i];
-            let re = &self.regexes[i];
-            if kind == SensitiveKind::GenericApiKey {
-                for caps in re.captures_iter(text) {
-                    if let Some(v) = caps.get(1)
-                        && kind.validate(v.as_str(), v.as_str())
-                    {
-                        found(Finding {
-                            kind,
-                            start: v.start(),
-                            end: v.end(),
-                        });
-                    }
+        let triggered = triggered.unwrap_or_else(|| self.triggered(text)) & self.kinds;
+        if triggered != 0 {
+            for kind in SensitiveKind::ALL
+                .into_iter()
+                .filter(|k| triggered & k.bit() != 0)
+            {
+                self.find(kind, text, 0, found);
+            }
+        }
+        if let Some((set, kinds)) = &self.numeric
+            && let Some(window) = numeric_window(text)
+        {
+            let part = &text[window.clone()];
+            for i in set.matches(part).iter() {
+                self.find(kinds[i], part, window.start, found);
+            }
+        }
+    }
+
+    fn triggered(&self, text: &str) -> KindSet {
+        let Some(ac) = &self.triggers else { return 0 };
+        ac.find_overlapping_iter(text).fold(0, |acc, m| {
+            acc | self.trigger_kinds[m.pattern().as_usize()].bit()
+        })
+    }
+
+    /// Validated matches of `kind` in `text`, which starts at `offset` of the scanned string.
+    fn find(&self, kind: SensitiveKind, text: &str, offset: usize, found: &mut dyn FnMut(Finding)) {
+        let Some(re) = &self.regexes[kind.index()] else {
+            return;
+        };
+        if kind == SensitiveKind::GenericApiKey {
+            for caps in re.captures_iter(text) {
+                if let Some(v) = caps.get(1)
+                    && kind.validate(v.as_str())
+                {
+                    found(Finding {
+                        kind,
+                        start: offset + v.start(),
+                        end: offset + v.end(),
+                    });
                 }
-            } else {
-                for m in re.find_iter(text) {
-                    if kind.validate(m.as_str(), "") {
-                        found(Finding {
-                            kind,
-                            start: m.start(),
-                            end: m.end(),
-                        });
-                    }
+            }
+        } else {
+            for m in re.find_iter(text) {
+                if kind.validate(m.as_str()) {
+                    found(Finding {
+                        kind,
+                        start: offset + m.start(),
+                        end: offset + m.end(),
+                    });
                 }
             }
         }
     }
+}
+
+/// An automaton over trigger literals, ignoring ASCII case, reporting overlapping matches.
+pub(crate) fn trigger_automaton<P: AsRef<[u8]>>(
+    patterns: &[P],
+) -> Result<AhoCorasick, aho_corasick::BuildError> {
+    AhoCorasick::builder()
+        .match_kind(MatchKind::Standard)
+        .ascii_case_insensitive(true)
+        .kind(Some(AhoCorasickKind::DFA))
+        .build(patterns)
+}
+
+/// The smallest range of `text` that covers every run of at least [`MIN_NUMERIC_DIGITS`] digits,
+/// or `None`: where numeric kinds could be.
+fn numeric_window(text: &str) -> Option<std::ops::Range<usize>> {
+    // Most text has too few digits in all: a vectorized count settles it without the loop.
+    let total = text
+        .bytes()
+        .fold(0usize, |n, b| n + usize::from(b.is_ascii_digit()));
+    if total < MIN_NUMERIC_DIGITS {
+        return None;
+    }
+    let mut window: Option<std::ops::Range<usize>> = None;
+    let (mut run_start, mut digits) = (0, 0);
+    let bytes = text.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'0'..=b'9' => digits += 1,
+            b' ' | b'-' | b'.' | b'(' | b')' | b'+' | b'/' | b'A'..=b'Z' => {}
+            _ => {
+                if digits >= MIN_NUMERIC_DIGITS {
+                    let w = window.get_or_insert(run_start..i);
+                    w.end = i;
+                }
+                run_start = i + 1;
+                digits = 0;
+            }
+        }
+    }
+    if digits >= MIN_NUMERIC_DIGITS {
+        let w = window.get_or_insert(run_start..bytes.len());
+        w.end = bytes.len();
+    }
+    window
 }
 
 fn digits(s: &str) -> impl Iterator<Item = u32> + '_ {
@@ -389,8 +553,11 @@ fn is_secret_key_name(key: &str) -> bool {
         "access_key",
         "credential",
     ];
-    let lower = key.to_ascii_lowercase();
-    WORDS.iter().any(|w| lower.contains(w))
+    let key = key.as_bytes();
+    WORDS.iter().any(|w| {
+        key.windows(w.len())
+            .any(|win| win.eq_ignore_ascii_case(w.as_bytes()))
+    })
 }
 
 /// A value that looks like a generated secret: long enough, letters and digits mixed, high
@@ -460,7 +627,7 @@ mod tests {
     fn find(text: &str) -> Vec<(SensitiveKind, String)> {
         let d = Detector::new(&SensitiveKind::ALL);
         let mut out = Vec::new();
-        d.scan(text, None, &mut |f| {
+        d.scan(text, None, None, &mut |f| {
             out.push((f.kind, text[f.start..f.end].to_owned()))
         });
         out
@@ -517,8 +684,15 @@ mod tests {
     fn key_context_flags_a_secret_value() {
         let d = Detector::new(&[SensitiveKind::GenericApiKey]);
         let mut n = 0;
-        d.scan("sk9Xb2QmR7vLp4Tn8WzA1cE5", Some("api_key"), &mut |_| n += 1);
-        d.scan("sk9Xb2QmR7vLp4Tn8WzA1cE5", Some("name"), &mut |_| n += 10);
+        d.scan(
+            "sk9Xb2QmR7vLp4Tn8WzA1cE5",
+            Some("api_key"),
+            None,
+            &mut |_| n += 1,
+        );
+        d.scan("sk9Xb2QmR7vLp4Tn8WzA1cE5", Some("name"), None, &mut |_| {
+            n += 10
+        });
         assert_eq!(n, 1);
     }
 
