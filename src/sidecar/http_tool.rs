@@ -87,10 +87,10 @@ pub async fn handle(
     let call = async {
         let res = send_http(
             &shared.client,
-            tool,
+            &up,
             parts.method,
             uri,
-            &parts.headers,
+            parts.headers,
             body.0,
         )
         .await?;

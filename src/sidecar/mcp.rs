@@ -55,14 +55,14 @@ async fn send(
     shared: &Shared,
     up: &Upstream,
     method: Method,
-    headers: &HeaderMap,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response<Body>, UpstreamFailed> {
     match &up.transport {
         Transport::Mcp(uri) => {
-            send_http(&shared.client, &up.name, method, uri.clone(), headers, body).await
+            send_http(&shared.client, up, method, uri.clone(), headers, body).await
         }
-        Transport::Stdio(server) => server.send(method, headers, body).await,
+        Transport::Stdio(server) => server.send(method, &headers, body).await,
         Transport::Http(_) => Err(UpstreamFailed {
             upstream: up.name.to_string(),
             reason: "is a plain HTTP tool, not an MCP server".into(),
@@ -223,7 +223,7 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
         }
         _ => None,
     };
-    let sending = send(shared, up, parts.method, &parts.headers, out);
+    let sending = send(shared, up, parts.method, parts.headers, out);
     let sent = match &deadline {
         Some((at, refusal)) => match tokio::time::timeout_at(*at, sending).await {
             Ok(r) => r.map_err(Refusal::from),
@@ -519,14 +519,12 @@ async fn other(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<B
         Ok(b) => b,
         Err(res) => return res,
     };
-    let res = match send(shared, up, parts.method.clone(), &parts.headers, bytes).await {
+    let is_get = parts.method == Method::GET;
+    let res = match send(shared, up, parts.method, parts.headers, bytes).await {
         Ok(res) => res,
         Err(e) => return rescue::http_error(&e.into()),
     };
-    if parts.method == Method::GET
-        && res.status().is_success()
-        && media_type_is(res.headers(), "text/event-stream")
-    {
+    if is_get && res.status().is_success() && media_type_is(res.headers(), "text/event-stream") {
         let tracker = Tracker::new(up.name.clone(), shared.metrics.clone());
         return event_stream(res, tracker, active, None, Vec::new(), cap);
     }

@@ -117,7 +117,7 @@ pub async fn run(
                 Transport::Stdio(server)
             }
         };
-        upstreams.insert(u.name.clone(), Arc::new(Upstream { name, transport }));
+        upstreams.insert(u.name.clone(), Arc::new(Upstream::new(name, transport)));
     }
     let shared = Arc::new(Shared {
         policies: policies.clone(),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
@@ -38,6 +38,39 @@ pub enum Transport {
 pub struct Upstream {
     pub name: Arc<str>,
     pub transport: Transport,
+    /// The `Host` header for requests to an HTTP upstream, computed once rather than by the
+    /// client for every request.
+    pub host: Option<HeaderValue>,
+}
+
+impl Upstream {
+    pub fn new(name: Arc<str>, transport: Transport) -> Upstream {
+        let host = match &transport {
+            Transport::Mcp(uri) | Transport::Http(uri) => host_header(uri),
+            Transport::Stdio(_) => None,
+        };
+        Upstream {
+            name,
+            transport,
+            host,
+        }
+    }
+}
+
+/// What the HTTP client would set as `Host` for `uri`: the host, and the port unless it is the
+/// scheme's default.
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default_port = match uri.scheme_str() {
+        Some("http") => Some(80),
+        Some("https") => Some(443),
+        _ => None,
+    };
+    let value = match uri.port_u16() {
+        Some(port) if Some(port) != default_port => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::from_str(&value).ok()
 }
 
 /// Headers that belong to one connection, not to the message (RFC 9110, 7.6.1), and those the
@@ -59,38 +92,39 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// End-to-end headers of `from`.
-pub fn forwardable(from: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(from.len());
-    for (name, value) in from {
-        if !hop_by_hop(name) {
-            out.append(name.clone(), value.clone());
-        }
+/// Keeps only the end-to-end headers of `headers`. Removing in place: most messages carry one
+/// or two such headers at most, and copying the rest into a new map costs more.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    while let Some(name) = headers.keys().find(|n| hop_by_hop(n)).cloned() {
+        headers.remove(&name);
     }
-    out
 }
 
 /// Sends one request to an HTTP upstream; the response body streams.
 pub async fn send_http(
     client: &HttpClient,
-    upstream: &str,
+    upstream: &Upstream,
     method: Method,
     uri: Uri,
-    headers: &HeaderMap,
+    mut headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response<Body>, UpstreamFailed> {
+    strip_hop_by_hop(&mut headers);
+    // Answers are inspected, so they must come uncompressed.
+    headers.remove(header::ACCEPT_ENCODING);
+    if let Some(host) = &upstream.host {
+        headers.insert(header::HOST, host.clone());
+    }
     let mut req = Request::new(Full::new(body));
     *req.method_mut() = method;
     *req.uri_mut() = uri;
-    *req.headers_mut() = forwardable(headers);
-    // Answers are inspected, so they must come uncompressed.
-    req.headers_mut().remove(header::ACCEPT_ENCODING);
+    *req.headers_mut() = headers;
     let res = client.request(req).await.map_err(|e| UpstreamFailed {
-        upstream: upstream.to_owned(),
+        upstream: upstream.name.to_string(),
         reason: describe_client_error(&e),
     })?;
     let (mut parts, body) = res.into_parts();
-    parts.headers = forwardable(&parts.headers);
+    strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
@@ -149,4 +183,42 @@ pub fn media_type_is(headers: &HeaderMap, ty: &str) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case(ty))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_is_what_the_client_would_send() {
+        let host = |u: &str| host_header(&u.parse().unwrap()).unwrap();
+        assert_eq!(host("http://127.0.0.1:8081/api"), "127.0.0.1:8081");
+        assert_eq!(host("http://tools.internal:80/"), "tools.internal");
+        assert_eq!(host("http://tools.internal"), "tools.internal");
+        assert_eq!(host("https://tools.internal:8443"), "tools.internal:8443");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_in_place() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.append("x-trace", HeaderValue::from_static("a"));
+        h.append("x-trace", HeaderValue::from_static("b"));
+        h.insert("host", HeaderValue::from_static("agent.local"));
+        h.insert("content-length", HeaderValue::from_static("2"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        strip_hop_by_hop(&mut h);
+        // The order of different names carries no meaning (RFC 9110, 5.3); that of one name's
+        // values does.
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "x-trace"]);
+        let traces: Vec<&HeaderValue> = h.get_all("x-trace").iter().collect();
+        assert_eq!(traces, ["a", "b"]);
+    }
 }
