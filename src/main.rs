@@ -21,6 +21,8 @@ enum Command {
     /// Check, test and explain policies.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run the sidecar that the agent's tool calls pass through.
+    Sidecar(perfecx::sidecar::cli::SidecarArgs),
     /// A demo MCP server over stdio (web_search, calculator, file_reader, ...), for `perfecx up`.
     #[command(hide = true)]
     DemoTools,
@@ -29,6 +31,7 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Policy(cmd) => policy_cmd::run(cmd),
+        Command::Sidecar(args) => perfecx::sidecar::cli::main(args),
         Command::DemoTools => match perfecx::demo_tools::main() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

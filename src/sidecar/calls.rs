@@ -1,0 +1,212 @@
+//! Book-keeping for the tool calls of one request: which responses the sidecar waits for, and
+//! one tracing span, metric and log line per tool call. Calls still open when the request ends
+//! (the upstream hung up, a deadline) are counted as errors.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::denial::Refusal;
+use super::metrics::Metrics;
+use super::rescue;
+
+pub struct Call {
+    pub tool: String,
+    /// The arguments were redacted on the way in.
+    pub redacted: bool,
+    started: Instant,
+    span: tracing::Span,
+}
+
+impl Call {
+    /// Runs `f` inside the call's span (for the output filter's logs).
+    pub fn in_span<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.span.in_scope(f)
+    }
+}
+
+/// What an open request (with an id) in flight is.
+pub enum Pending {
+    Call(Call),
+    List,
+    Other,
+}
+
+pub struct Tracker {
+    upstream: Arc<str>,
+    metrics: Arc<Metrics>,
+    pending: HashMap<String, Pending>,
+    /// A permissive `max_execution_time_ms`: calls that take longer are reported, not cut.
+    alert_after: Option<(std::time::Duration, String)>,
+}
+
+/// A call's end as counted.
+pub struct Finish<'a> {
+    /// allowed, blocked or redacted.
+    pub decision: &'a str,
+    pub error: bool,
+}
+
+impl Tracker {
+    pub fn new(upstream: Arc<str>, metrics: Arc<Metrics>) -> Tracker {
+        Tracker {
+            upstream,
+            metrics,
+            pending: HashMap::new(),
+            alert_after: None,
+        }
+    }
+
+    /// Reports calls slower than a permissive policy's `max_execution_time_ms`.
+    pub fn alert_after(&mut self, active: &super::policies::Active) {
+        self.alert_after = active
+            .set
+            .limits()
+            .max_execution_time_ms
+            .as_ref()
+            .filter(|l| l.enforcement == perfecx_policy::Enforcement::Permissive)
+            .map(|l| (std::time::Duration::from_millis(l.value), l.policy.clone()));
+    }
+
+    pub fn upstream(&self) -> &str {
+        &self.upstream
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The span of a call of `tool`: judge the call inside it so that its violations are
+    /// logged with the call.
+    pub fn span(&self, tool: &str) -> tracing::Span {
+        call_span(&self.upstream, tool)
+    }
+
+    /// A call forwarded to the tool.
+    pub fn start_call(&mut self, id: String, tool: &str, redacted: bool, span: tracing::Span) {
+        self.pending.insert(
+            id,
+            Pending::Call(Call {
+                tool: tool.to_owned(),
+                redacted,
+                started: Instant::now(),
+                span,
+            }),
+        );
+    }
+
+    pub fn start(&mut self, id: String, what: Pending) {
+        self.pending.insert(id, what);
+    }
+
+    pub fn take(&mut self, id: &str) -> Option<Pending> {
+        self.pending.remove(id)
+    }
+
+    pub fn has_calls(&self) -> bool {
+        self.pending.values().any(|p| matches!(p, Pending::Call(_)))
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// A call the sidecar answered itself: it never reached the tool.
+    pub fn refused(&self, tool: &str, refusal: &Refusal, span: tracing::Span) {
+        span.record("decision", "blocked");
+        span.record("duration_ms", 0u64);
+        let _g = span.enter();
+        self.metrics.call(&self.upstream, tool, "blocked");
+        tracing::info!(reason = %refusal, "tool call refused");
+    }
+
+    /// Counts a call that got its answer.
+    pub fn finish(&self, call: Call, finish: Finish<'_>) {
+        let elapsed = call.started.elapsed();
+        self.metrics
+            .call(&self.upstream, &call.tool, finish.decision);
+        if finish.error {
+            self.metrics.error(&self.upstream, &call.tool);
+        }
+        self.metrics
+            .tool_call_duration
+            .with_label_values(&[&self.upstream])
+            .observe(elapsed.as_secs_f64());
+        call.span.record("decision", finish.decision);
+        call.span.record(
+            "duration_ms",
+            elapsed.as_millis().min(u64::MAX as u128) as u64,
+        );
+        call.span.record("error", finish.error);
+        let _g = call.span.enter();
+        if let Some((limit, policy)) = &self.alert_after {
+            if elapsed > *limit {
+                self.metrics.violation(policy, "execution_limit");
+                tracing::warn!(
+                    policy = %policy,
+                    rule = "execution_limit",
+                    action = "alerted",
+                    limit_ms = limit.as_millis() as u64,
+                    "the tool took longer than the permissive limit"
+                );
+            }
+        }
+        tracing::info!("tool call");
+    }
+
+    /// Answers every open request with `refusal`, as JSON-RPC messages, and counts the calls
+    /// among them as errors.
+    pub fn fail_all(&mut self, refusal: &Refusal) -> Vec<String> {
+        let mut answers = Vec::with_capacity(self.pending.len());
+        for (id, p) in std::mem::take(&mut self.pending) {
+            match p {
+                Pending::Call(call) => {
+                    answers.push(rescue::tool_call_answer(&id, refusal));
+                    let decision = if call.redacted { "redacted" } else { "allowed" };
+                    self.finish(
+                        call,
+                        Finish {
+                            decision,
+                            error: true,
+                        },
+                    );
+                }
+                Pending::List | Pending::Other => {
+                    answers.push(rescue::request_error(Some(&id), refusal));
+                }
+            }
+        }
+        if let Refusal::Deadline(d) = refusal {
+            self.metrics.violation(&d.policy, "execution_limit");
+        }
+        answers
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        for (_, p) in std::mem::take(&mut self.pending) {
+            if let Pending::Call(call) = p {
+                let decision = if call.redacted { "redacted" } else { "allowed" };
+                self.finish(
+                    call,
+                    Finish {
+                        decision,
+                        error: true,
+                    },
+                );
+            }
+        }
+    }
+}
+
+fn call_span(upstream: &str, tool: &str) -> tracing::Span {
+    tracing::info_span!(
+        "tool_call",
+        upstream,
+        tool,
+        decision = tracing::field::Empty,
+        duration_ms = tracing::field::Empty,
+        error = tracing::field::Empty,
+    )
+}

@@ -1,0 +1,286 @@
+//! Plain HTTP tools at `/tools/{name}/...`: the request body (and query) is judged as the
+//! call's arguments, the response body as its output. A refusal is an HTTP error with a JSON
+//! body: 403 for a policy, 504 for the deadline, 413 for a body over the cap.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, Uri};
+use perfecx_policy::{Content, Enforcement};
+
+use super::Shared;
+use super::calls::{Finish, Tracker};
+use super::denial::{DeadlineExceeded, FailClosed, Refusal, Unjudgeable, UpstreamFailed};
+use super::mcp::CLIENT_BODY_TIMEOUT;
+use super::output_filter::{OutputVerdict, check_output};
+use super::policies::Active;
+use super::policy_check::{CallVerdict, check_call};
+use super::rescue;
+use super::upstream::{ReadError, Upstream, media_type_is, read_limited, send_http};
+
+pub async fn handle(
+    shared: Arc<Shared>,
+    up: Arc<Upstream>,
+    base: Uri,
+    rest: String,
+    req: Request<Body>,
+) -> Response<Body> {
+    let tool: &str = &up.name;
+    let tracker = Tracker::new(up.name.clone(), shared.metrics.clone());
+    let span = tracker.span(tool);
+    let active = match shared.policies.current() {
+        Ok(a) => a,
+        Err(no) => {
+            let refusal = Refusal::from(FailClosed { reason: no.reason });
+            tracker.refused(tool, &refusal, span);
+            return rescue::http_error(&refusal);
+        }
+    };
+    let cap = shared.body_cap(Some(&active));
+    let (parts, body) = req.into_parts();
+    let bytes =
+        match tokio::time::timeout(CLIENT_BODY_TIMEOUT, read_limited(body, cap, "request body"))
+            .await
+        {
+            Err(_) => {
+                return rescue::http_error(&Refusal::from(Unjudgeable {
+                    reason: "the request body did not arrive in time".into(),
+                }));
+            }
+            Ok(Err(ReadError::TooLarge(t))) => return rescue::http_error(&t.into()),
+            Ok(Err(ReadError::Failed(m))) => {
+                return rescue::http_error(&Refusal::from(Unjudgeable {
+                    reason: format!("cannot read the body: {m}"),
+                }));
+            }
+            Ok(Ok(b)) => b,
+        };
+
+    // Judge the body, then the path and query: all of them carry arguments.
+    let query = parts.uri.query();
+    let judged =
+        span.in_scope(|| judge(&shared, &active, tool, &parts.headers, bytes, &rest, query));
+    let body = match judged {
+        Ok(judged) => judged,
+        Err(refusal) => {
+            tracker.refused(tool, &refusal, span);
+            return rescue::http_error(&refusal);
+        }
+    };
+    let redacted = body.1;
+
+    let uri = match target(&base, &rest, query) {
+        Some(u) => u,
+        None => {
+            let refusal = Refusal::from(Unjudgeable {
+                reason: "the path cannot be forwarded".into(),
+            });
+            tracker.refused(tool, &refusal, span);
+            return rescue::http_error(&refusal);
+        }
+    };
+    let mut tracker = tracker;
+    tracker.alert_after(&active);
+    tracker.start_call(String::new(), tool, redacted, span);
+    let deadline = deadline(&active);
+    let call = async {
+        let res = send_http(
+            &shared.client,
+            &up,
+            parts.method,
+            uri,
+            parts.headers,
+            body.0,
+        )
+        .await?;
+        let (parts, body) = res.into_parts();
+        match read_limited(body, cap, "tool's response").await {
+            Ok(b) => Ok((parts, b)),
+            Err(ReadError::TooLarge(t)) => Err(Refusal::from(t)),
+            Err(ReadError::Failed(m)) => Err(Refusal::from(UpstreamFailed {
+                upstream: tool.to_owned(),
+                reason: format!("the response broke off: {m}"),
+            })),
+        }
+    };
+    let result: Result<_, Refusal> = match &deadline {
+        Some((ms, refusal)) => {
+            match tokio::time::timeout(std::time::Duration::from_millis(*ms), call).await {
+                Ok(r) => r.map_err(|e: Refusal| e),
+                Err(_) => Err(refusal.clone()),
+            }
+        }
+        None => call.await.map_err(|e: Refusal| e),
+    };
+    let (mut parts, bytes) = match result {
+        Ok(r) => r,
+        Err(refusal) => {
+            tracing::warn!(upstream = %tool, error = %refusal, "plain HTTP tool call failed");
+            tracker.fail_all(&refusal);
+            return rescue::http_error(&refusal);
+        }
+    };
+    let call = match tracker.take("") {
+        Some(super::calls::Pending::Call(c)) => c,
+        _ => {
+            return rescue::http_error(&Refusal::from(UpstreamFailed {
+                upstream: tool.to_owned(),
+                reason: "lost track of the call".into(),
+            }));
+        }
+    };
+    let error = parts.status.is_client_error() || parts.status.is_server_error();
+    let decided = if redacted { "redacted" } else { "allowed" };
+
+    // Inspect the output.
+    let Ok(text) = std::str::from_utf8(&bytes) else {
+        let refusal = Refusal::from(UpstreamFailed {
+            upstream: tool.to_owned(),
+            reason: "its response is not UTF-8 text, so it cannot be inspected".into(),
+        });
+        tracker.finish(
+            call,
+            Finish {
+                decision: decided,
+                error: true,
+            },
+        );
+        return rescue::http_error(&refusal);
+    };
+    let content = if media_type_is(&parts.headers, "application/json") {
+        Content::Json(text)
+    } else {
+        Content::Text(text)
+    };
+    let verdict = call.in_span(|| check_output(&active, &shared.metrics, tool, tool, content));
+    match verdict {
+        OutputVerdict::Pass => {
+            tracker.finish(
+                call,
+                Finish {
+                    decision: decided,
+                    error,
+                },
+            );
+            Response::from_parts(parts, Body::from(bytes))
+        }
+        OutputVerdict::Redacted(new) => {
+            tracker.finish(
+                call,
+                Finish {
+                    decision: "redacted",
+                    error,
+                },
+            );
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            Response::from_parts(parts, Body::from(new))
+        }
+        OutputVerdict::Refuse(refusal) => {
+            tracker.finish(
+                call,
+                Finish {
+                    decision: "blocked",
+                    error: true,
+                },
+            );
+            rescue::http_error(&refusal)
+        }
+    }
+}
+
+/// The body to forward (redacted if need be), and whether it was redacted.
+fn judge(
+    shared: &Shared,
+    active: &Active,
+    tool: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+    path: &str,
+    query: Option<&str>,
+) -> Result<(Bytes, bool), Refusal> {
+    let text = std::str::from_utf8(&body).map_err(|e| Unjudgeable {
+        reason: format!("the body is not valid UTF-8 (at byte {})", e.valid_up_to()),
+    })?;
+    let json = media_type_is(headers, "application/json");
+    let content = match (json, text.trim().is_empty()) {
+        (true, false) => Content::Json(text),
+        _ => Content::Text(text),
+    };
+    let body = match check_call(active, &shared.metrics, tool, content) {
+        CallVerdict::Forward => (body, false),
+        CallVerdict::ForwardRedacted(new) => (Bytes::from(new), true),
+        CallVerdict::Refuse(r) => return Err(r),
+    };
+    let url = match query {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    if !url.is_empty() {
+        match check_call(active, &shared.metrics, tool, Content::Text(&url)) {
+            CallVerdict::Forward => {}
+            // A URL cannot be redacted without changing what it names.
+            CallVerdict::ForwardRedacted(_) => {
+                return Err(Unjudgeable {
+                    reason: "the URL carries sensitive data; send it in the body instead".into(),
+                }
+                .into());
+            }
+            CallVerdict::Refuse(r) => return Err(r),
+        }
+    }
+    Ok(body)
+}
+
+/// The tool's URL for `rest` (the path after `/tools/{name}`) and `query`.
+fn target(base: &Uri, rest: &str, query: Option<&str>) -> Option<Uri> {
+    let base_path = base.path().trim_end_matches('/');
+    let mut pq = String::with_capacity(base_path.len() + rest.len() + 2);
+    pq.push_str(base_path);
+    if !rest.starts_with('/') {
+        pq.push('/');
+    }
+    pq.push_str(rest);
+    if let Some(q) = query {
+        pq.push('?');
+        pq.push_str(q);
+    }
+    Uri::builder()
+        .scheme(base.scheme()?.clone())
+        .authority(base.authority()?.clone())
+        .path_and_query(pq)
+        .build()
+        .ok()
+}
+
+fn deadline(active: &Active) -> Option<(u64, Refusal)> {
+    let limit = active.set.limits().max_execution_time_ms.as_ref()?;
+    (limit.enforcement == Enforcement::Strict).then(|| {
+        (
+            limit.value,
+            Refusal::from(DeadlineExceeded {
+                limit_ms: limit.value,
+                policy: limit.policy.clone(),
+            }),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joins_base_path_rest_and_query() {
+        let base: Uri = "http://127.0.0.1:8081/api/".parse().unwrap();
+        assert_eq!(
+            target(&base, "/search", Some("q=x")).unwrap().to_string(),
+            "http://127.0.0.1:8081/api/search?q=x"
+        );
+        let base: Uri = "http://127.0.0.1:8081".parse().unwrap();
+        assert_eq!(
+            target(&base, "", None).unwrap().to_string(),
+            "http://127.0.0.1:8081/"
+        );
+    }
+}

@@ -1,0 +1,667 @@
+//! MCP Streamable HTTP at `/mcp/{name}`: each POST is parsed once, every `tools/call` in it
+//! judged ([`policy_check`]), the rest forwarded, and the answers inspected on the way back
+//! ([`output_filter`]), whether they come as one JSON body or as a stream of events. Only
+//! `tools/call` and `tools/list` are judged; everything else passes through untouched.
+//!
+//! The order for one POST: read (capped) → parse → judge each call → forward what is allowed
+//! (under the deadline) → inspect each answer → add the sidecar's own answers.
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use perfecx_policy::{Content, Enforcement};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use super::Shared;
+use super::calls::{Finish, Pending, Tracker};
+use super::denial::{DeadlineExceeded, FailClosed, Refusal, Unjudgeable, UpstreamFailed};
+use super::jsonrpc::{self, Reply, Request as Rpc};
+use super::output_filter::{OutputVerdict, check_output};
+use super::policies::Active;
+use super::policy_check::{CallVerdict, check_call, filter_tools};
+use super::rescue;
+use super::sse;
+use super::upstream::{ReadError, Transport, Upstream, media_type_is, read_limited, send_http};
+
+/// How long a client may take to send its request body.
+pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub async fn handle(shared: Arc<Shared>, up: Arc<Upstream>, req: Request<Body>) -> Response<Body> {
+    match *req.method() {
+        Method::POST => post(&shared, &up, req).await,
+        Method::GET | Method::DELETE => other(&shared, &up, req).await,
+        _ => {
+            let mut res = rescue::json_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                jsonrpc::error_message(None, jsonrpc::INVALID_REQUEST, "use POST, GET or DELETE"),
+            );
+            res.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("POST, GET, DELETE"));
+            res
+        }
+    }
+}
+
+/// Sends a request to the MCP server behind `up`, whichever transport it uses.
+async fn send(
+    shared: &Shared,
+    up: &Upstream,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response<Body>, UpstreamFailed> {
+    match &up.transport {
+        Transport::Mcp(uri) => {
+            send_http(&shared.client, up, method, uri.clone(), headers, body).await
+        }
+        Transport::Stdio(server) => server.send(method, &headers, body).await,
+        Transport::Http(_) => Err(UpstreamFailed {
+            upstream: up.name.to_string(),
+            reason: "is a plain HTTP tool, not an MCP server".into(),
+        }),
+    }
+}
+
+/// Reads the agent's body, or answers why not.
+pub async fn read_request(body: Body, cap: u64) -> Result<Bytes, Response<Body>> {
+    match tokio::time::timeout(CLIENT_BODY_TIMEOUT, read_limited(body, cap, "request body")).await {
+        Err(_) => Err(rescue::json_response(
+            StatusCode::REQUEST_TIMEOUT,
+            jsonrpc::error_message(
+                None,
+                jsonrpc::INVALID_REQUEST,
+                "the request body did not arrive in time",
+            ),
+        )),
+        Ok(Err(ReadError::TooLarge(t))) => Err(rescue::json_response(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            rescue::request_error(None, &t.into()),
+        )),
+        Ok(Err(ReadError::Failed(m))) => Err(rescue::json_response(
+            StatusCode::BAD_REQUEST,
+            jsonrpc::error_message(
+                None,
+                jsonrpc::PARSE_ERROR,
+                &format!("cannot read the body: {m}"),
+            ),
+        )),
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let active = shared.policies.current();
+    let cap = shared.body_cap(active.as_deref().ok());
+    let bytes = match read_request(body, cap).await {
+        Ok(b) => b,
+        Err(res) => return res,
+    };
+    let parsed = match jsonrpc::parse_body(&bytes) {
+        Ok(p) => p,
+        Err(m) => {
+            return rescue::json_response(
+                StatusCode::BAD_REQUEST,
+                jsonrpc::error_message(None, jsonrpc::PARSE_ERROR, &m.0),
+            );
+        }
+    };
+
+    // Judge: each message is forwarded as it is, forwarded rewritten, or answered here.
+    let mut tracker = Tracker::new(up.name.clone(), shared.metrics.clone());
+    let mut forward: Vec<String> = Vec::with_capacity(parsed.messages.len());
+    let mut local: Vec<String> = Vec::new();
+    let mut modified = false;
+    for msg in &parsed.messages {
+        match jsonrpc::classify(msg) {
+            Rpc::ToolCall {
+                id,
+                tool,
+                arguments,
+            } => {
+                let id = jsonrpc::id_key(id);
+                let span = tracker.span(&tool);
+                let verdict = span.in_scope(|| match &active {
+                    Ok(a) => check_call(a, &shared.metrics, &tool, Content::Json(arguments)),
+                    Err(no) => CallVerdict::Refuse(
+                        FailClosed {
+                            reason: no.reason.clone(),
+                        }
+                        .into(),
+                    ),
+                });
+                let verdict = match verdict {
+                    CallVerdict::ForwardRedacted(args) => match jsonrpc::with_arguments(msg, &args)
+                    {
+                        Some(m) => Ok(Some(m)),
+                        None => Err(Refusal::from(Unjudgeable {
+                            reason: "the redacted arguments could not be written back".into(),
+                        })),
+                    },
+                    CallVerdict::Forward => Ok(None),
+                    CallVerdict::Refuse(r) => Err(r),
+                };
+                match verdict {
+                    Ok(None) => {
+                        forward.push(msg.get().to_owned());
+                        tracker.start_call(id, &tool, false, span);
+                    }
+                    Ok(Some(rewritten)) => {
+                        forward.push(rewritten);
+                        modified = true;
+                        tracker.start_call(id, &tool, true, span);
+                    }
+                    Err(refusal) => {
+                        tracker.refused(&tool, &refusal, span);
+                        local.push(rescue::tool_call_answer(&id, &refusal));
+                        modified = true;
+                    }
+                }
+            }
+            Rpc::BadToolCall { id, reason } => {
+                let refusal = Refusal::from(Unjudgeable { reason });
+                tracker.refused("", &refusal, tracker.span(""));
+                // A notification gets no answer; it is dropped all the same.
+                if let Some(id) = id {
+                    local.push(rescue::request_error(Some(id.get()), &refusal));
+                }
+                modified = true;
+            }
+            Rpc::Invalid { reason } => {
+                let refusal = Refusal::from(Unjudgeable { reason });
+                tracing::warn!(upstream = %up.name, error = %refusal, "unreadable message refused");
+                local.push(rescue::request_error(None, &refusal));
+                modified = true;
+            }
+            Rpc::ToolsList { id } => {
+                if let Err(no) = &active {
+                    let refusal = Refusal::from(FailClosed {
+                        reason: no.reason.clone(),
+                    });
+                    local.push(rescue::request_error(Some(id.get()), &refusal));
+                    modified = true;
+                } else {
+                    tracker.start(jsonrpc::id_key(id), Pending::List);
+                    forward.push(msg.get().to_owned());
+                }
+            }
+            Rpc::OtherRequest { id } => {
+                tracker.start(jsonrpc::id_key(id), Pending::Other);
+                forward.push(msg.get().to_owned());
+            }
+            Rpc::Other => forward.push(msg.get().to_owned()),
+        }
+    }
+    let batch = parsed.batch;
+    if forward.is_empty() {
+        if local.is_empty() {
+            return accepted();
+        }
+        return rescue::json_response(StatusCode::OK, jsonrpc::join(&local, batch));
+    }
+    let out = if modified {
+        Bytes::from(jsonrpc::join(&forward, batch))
+    } else {
+        bytes.clone()
+    };
+    drop(parsed);
+    let active = active.ok();
+
+    // Forward, under the deadline when a call is in it.
+    let deadline = match &active {
+        Some(a) if tracker.has_calls() => {
+            tracker.alert_after(a);
+            deadline(a)
+        }
+        _ => None,
+    };
+    let sending = send(shared, up, parts.method, parts.headers, out);
+    let sent = match &deadline {
+        Some((at, refusal)) => match tokio::time::timeout_at(*at, sending).await {
+            Ok(r) => r.map_err(Refusal::from),
+            Err(_) => Err(refusal.clone()),
+        },
+        None => sending.await.map_err(Refusal::from),
+    };
+    let res = match sent {
+        Ok(res) => res,
+        Err(refusal) => {
+            tracing::warn!(upstream = %up.name, error = %refusal, "forwarding failed");
+            local.extend(tracker.fail_all(&refusal));
+            return answers(local, batch, &refusal);
+        }
+    };
+
+    // Inspect the answers.
+    let status = res.status();
+    if status == StatusCode::ACCEPTED || status == StatusCode::NO_CONTENT {
+        if local.is_empty() {
+            return res;
+        }
+        return rescue::json_response(StatusCode::OK, jsonrpc::join(&local, batch));
+    }
+    if !status.is_success() {
+        // The session may be gone (404) and the client must see it to start again; pending
+        // calls are counted as errors when the tracker drops.
+        return res;
+    }
+    if media_type_is(res.headers(), "text/event-stream") {
+        return event_stream(res, tracker, active, deadline, local, cap);
+    }
+    // Any other media type is read as JSON all the same when answers are awaited: an answer
+    // must not reach the agent uninspected because of its label.
+    if media_type_is(res.headers(), "application/json") || tracker.has_pending() {
+        return json_answer(res, tracker, active.as_deref(), deadline, local, batch, cap).await;
+    }
+    res
+}
+
+fn accepted() -> Response<Body> {
+    let mut res = Response::new(Body::empty());
+    *res.status_mut() = StatusCode::ACCEPTED;
+    res
+}
+
+/// The deadline of a forwarded call under a strict `max_execution_time_ms`, and the refusal
+/// that answers it.
+fn deadline(active: &Active) -> Option<(Instant, Refusal)> {
+    let limit = active.set.limits().max_execution_time_ms.as_ref()?;
+    if limit.enforcement != Enforcement::Strict {
+        return None;
+    }
+    let at = Instant::now() + Duration::from_millis(limit.value);
+    let refusal = DeadlineExceeded {
+        limit_ms: limit.value,
+        policy: limit.policy.clone(),
+    };
+    Some((at, refusal.into()))
+}
+
+/// The sidecar's own answers, or the refusal as an HTTP error when there is nobody to answer.
+fn answers(local: Vec<String>, batch: bool, refusal: &Refusal) -> Response<Body> {
+    if local.is_empty() {
+        return rescue::http_error(refusal);
+    }
+    rescue::json_response(
+        StatusCode::OK,
+        jsonrpc::join(&local, batch || local.len() > 1),
+    )
+}
+
+async fn json_answer(
+    res: Response<Body>,
+    mut tracker: Tracker,
+    active: Option<&Active>,
+    deadline: Option<(Instant, Refusal)>,
+    mut local: Vec<String>,
+    batch: bool,
+    cap: u64,
+) -> Response<Body> {
+    let (parts, body) = res.into_parts();
+    let reading = read_limited(body, cap, "tool server's response");
+    let read = match &deadline {
+        Some((at, refusal)) => match tokio::time::timeout_at(*at, reading).await {
+            Ok(r) => r,
+            Err(_) => {
+                local.extend(tracker.fail_all(refusal));
+                return answers(local, batch, refusal);
+            }
+        },
+        None => reading.await,
+    };
+    let upstream = tracker.upstream().to_owned();
+    let failed = |reason: String| {
+        Refusal::from(UpstreamFailed {
+            upstream: upstream.clone(),
+            reason,
+        })
+    };
+    let bytes = match read {
+        Ok(b) => b,
+        Err(ReadError::TooLarge(t)) => {
+            let refusal = failed(Refusal::from(t).to_string());
+            local.extend(tracker.fail_all(&refusal));
+            return answers(local, batch, &refusal);
+        }
+        Err(ReadError::Failed(m)) => {
+            let refusal = failed(format!("the response broke off: {m}"));
+            local.extend(tracker.fail_all(&refusal));
+            return answers(local, batch, &refusal);
+        }
+    };
+    let parsed = match jsonrpc::parse_body(&bytes) {
+        Ok(p) => p,
+        Err(m) => {
+            let refusal = failed(format!(
+                "it answered something that is not JSON-RPC: {}",
+                m.0
+            ));
+            local.extend(tracker.fail_all(&refusal));
+            return answers(local, batch, &refusal);
+        }
+    };
+    let mut changed = false;
+    let mut out: Vec<String> = Vec::with_capacity(parsed.messages.len() + local.len());
+    for msg in &parsed.messages {
+        match inspect(&mut tracker, active, msg.get()) {
+            Inspected::Keep => out.push(msg.get().to_owned()),
+            Inspected::Replace(new) => {
+                changed = true;
+                out.push(new);
+            }
+            Inspected::Drop => changed = true,
+        }
+    }
+    let reply_batch = parsed.batch;
+    drop(parsed);
+    if tracker.has_pending() {
+        // Requests the server did not answer (or answered unreadably) still get an answer.
+        let refusal = failed("it did not answer every request".into());
+        out.extend(tracker.fail_all(&refusal));
+        changed = true;
+    }
+    if !changed && local.is_empty() {
+        return Response::from_parts(parts, Body::from(bytes));
+    }
+    let as_batch = reply_batch || !local.is_empty();
+    out.append(&mut local);
+    Response::from_parts(parts, Body::from(jsonrpc::join(&out, as_batch)))
+}
+
+#[derive(Deserialize)]
+struct ResultFlags {
+    #[serde(default, rename = "isError")]
+    is_error: bool,
+}
+
+/// What becomes of one message from the server.
+pub enum Inspected {
+    Keep,
+    Replace(String),
+    /// Unreadable: not shown to the agent (its requests are answered as failed instead).
+    Drop,
+}
+
+/// One message from the server, judged if it answers a `tools/call` or `tools/list`.
+pub fn inspect(tracker: &mut Tracker, active: Option<&Active>, msg: &str) -> Inspected {
+    let replaced = |new: Option<String>| match new {
+        Some(m) => Inspected::Replace(m),
+        None => Inspected::Keep,
+    };
+    match jsonrpc::classify_reply(msg) {
+        Reply::Result { id, result } => match tracker.take(&jsonrpc::id_key(id)) {
+            Some(Pending::Call(call)) => {
+                let Some(active) = active else {
+                    tracker.finish(
+                        call,
+                        Finish {
+                            decision: "allowed",
+                            error: false,
+                        },
+                    );
+                    return Inspected::Keep;
+                };
+                let is_error = serde_json::from_str::<ResultFlags>(result.get())
+                    .map(|f| f.is_error)
+                    .unwrap_or(false);
+                let upstream = tracker.upstream().to_owned();
+                let decided = if call.redacted { "redacted" } else { "allowed" };
+                let verdict = call.in_span(|| {
+                    check_output(
+                        active,
+                        tracker.metrics(),
+                        &upstream,
+                        &call.tool,
+                        Content::Json(result.get()),
+                    )
+                });
+                let (decision, error) = match &verdict {
+                    OutputVerdict::Pass => (decided, is_error),
+                    OutputVerdict::Redacted(_) => ("redacted", is_error),
+                    OutputVerdict::Refuse(_) => ("blocked", true),
+                };
+                tracker.finish(call, Finish { decision, error });
+                apply(msg, &upstream, verdict)
+            }
+            Some(Pending::List) => replaced(
+                active
+                    .and_then(|a| filter_tools(a, result))
+                    .and_then(|filtered| jsonrpc::with_result(msg, filtered)),
+            ),
+            Some(Pending::Other) => Inspected::Keep,
+            None => match active {
+                Some(active) => unmatched(tracker, active, msg, result),
+                None => Inspected::Keep,
+            },
+        },
+        Reply::Error { id } => {
+            if let Some(Pending::Call(call)) = tracker.take(&jsonrpc::id_key(id)) {
+                let decision = if call.redacted { "redacted" } else { "allowed" };
+                tracker.finish(
+                    call,
+                    Finish {
+                        decision,
+                        error: true,
+                    },
+                );
+            }
+            Inspected::Keep
+        }
+        Reply::Other => Inspected::Keep,
+        Reply::Invalid => {
+            tracing::warn!(upstream = %tracker.upstream(), "dropped an unreadable message from the tool server");
+            Inspected::Drop
+        }
+    }
+}
+
+/// The message after the output filter's verdict. Output that cannot be rewritten is never
+/// passed on as it was (fail closed).
+fn apply(msg: &str, upstream: &str, verdict: OutputVerdict) -> Inspected {
+    let rewritten = match verdict {
+        OutputVerdict::Pass => return Inspected::Keep,
+        OutputVerdict::Redacted(text) => serde_json::from_str(&text)
+            .ok()
+            .and_then(|value| jsonrpc::with_result(msg, value)),
+        OutputVerdict::Refuse(refusal) => jsonrpc::with_result(msg, rescue::tool_result(&refusal)),
+    };
+    match rewritten {
+        Some(m) => Inspected::Replace(m),
+        None => {
+            let refusal = Refusal::from(UpstreamFailed {
+                upstream: upstream.to_owned(),
+                reason: "its output could not be redacted".into(),
+            });
+            match jsonrpc::classify_reply(msg) {
+                Reply::Result { id, .. } => {
+                    Inspected::Replace(rescue::tool_call_answer(&jsonrpc::id_key(id), &refusal))
+                }
+                _ => Inspected::Drop,
+            }
+        }
+    }
+}
+
+/// A result the sidecar did not see the request of (a resumed stream, a GET stream): judged by
+/// its shape, so that a tool list or a tool result is never shown unfiltered.
+fn unmatched(tracker: &Tracker, active: &Active, msg: &str, result: &RawValue) -> Inspected {
+    let raw = result.get();
+    if raw.contains("\"tools\"") {
+        if let Some(filtered) = filter_tools(active, result) {
+            if let Some(m) = jsonrpc::with_result(msg, filtered) {
+                return Inspected::Replace(m);
+            }
+        }
+    }
+    if raw.contains("\"content\"") {
+        let upstream = tracker.upstream().to_owned();
+        let verdict = check_output(active, tracker.metrics(), &upstream, "", Content::Json(raw));
+        return apply(msg, &upstream, verdict);
+    }
+    Inspected::Keep
+}
+
+/// GET (the server's stream) and DELETE (end of session) pass through; a GET stream is still
+/// inspected event by event.
+async fn other(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let active = shared.policies.current().ok();
+    let cap = shared.body_cap(active.as_deref());
+    let bytes = match read_request(body, cap).await {
+        Ok(b) => b,
+        Err(res) => return res,
+    };
+    let is_get = parts.method == Method::GET;
+    let res = match send(shared, up, parts.method, parts.headers, bytes).await {
+        Ok(res) => res,
+        Err(e) => return rescue::http_error(&e.into()),
+    };
+    if is_get && res.status().is_success() && media_type_is(res.headers(), "text/event-stream") {
+        let tracker = Tracker::new(up.name.clone(), shared.metrics.clone());
+        return event_stream(res, tracker, active, None, Vec::new(), cap);
+    }
+    res
+}
+
+struct Stream {
+    body: Body,
+    parser: sse::Parser,
+    tracker: Tracker,
+    active: Option<Arc<Active>>,
+    deadline: Option<(Instant, Refusal)>,
+    queue: VecDeque<Bytes>,
+    done: bool,
+}
+
+/// Passes an event stream on event by event, inspecting the answers in it; the sidecar's own
+/// answers go first.
+fn event_stream(
+    res: Response<Body>,
+    tracker: Tracker,
+    active: Option<Arc<Active>>,
+    deadline: Option<(Instant, Refusal)>,
+    local: Vec<String>,
+    cap: u64,
+) -> Response<Body> {
+    let (parts, body) = res.into_parts();
+    let queue = local
+        .iter()
+        .map(|m| Bytes::from(sse::message_event(m)))
+        .collect();
+    let state = Stream {
+        body,
+        parser: sse::Parser::new(usize::try_from(cap).unwrap_or(usize::MAX)),
+        tracker,
+        active,
+        deadline,
+        queue,
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(state, next_chunk);
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+enum Step {
+    Frame(Option<Result<http_body::Frame<Bytes>, axum::Error>>),
+    Deadline,
+}
+
+async fn next_chunk(mut st: Stream) -> Option<(Result<Bytes, Infallible>, Stream)> {
+    loop {
+        if let Some(b) = st.queue.pop_front() {
+            return Some((Ok(b), st));
+        }
+        if st.done {
+            return None;
+        }
+        let deadline = st
+            .deadline
+            .as_ref()
+            .filter(|_| st.tracker.has_calls())
+            .map(|(at, _)| *at);
+        let step = match deadline {
+            Some(at) => tokio::select! {
+                f = st.body.frame() => Step::Frame(f),
+                _ = tokio::time::sleep_until(at) => Step::Deadline,
+            },
+            None => Step::Frame(st.body.frame().await),
+        };
+        match step {
+            Step::Deadline => {
+                if let Some((_, refusal)) = st.deadline.take() {
+                    st.fail(&refusal);
+                }
+            }
+            Step::Frame(Some(Ok(frame))) => {
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                match st.parser.push(&data) {
+                    Ok(events) => {
+                        for event in events {
+                            st.event(event);
+                        }
+                    }
+                    Err(sse::EventTooLarge) => {
+                        let reason = "sent an event larger than the limit".to_owned();
+                        st.fail_upstream(reason);
+                    }
+                }
+            }
+            Step::Frame(Some(Err(e))) => st.fail_upstream(format!("the stream broke off: {e}")),
+            Step::Frame(None) => {
+                if let Some(event) = st.parser.finish() {
+                    st.event(event);
+                }
+                if st.tracker.has_pending() {
+                    st.fail_upstream("closed the stream before answering".into());
+                }
+                st.done = true;
+            }
+        }
+    }
+}
+
+impl Stream {
+    fn event(&mut self, event: sse::Event) {
+        let inspected = match event.data() {
+            Some(data) if !data.trim().is_empty() => {
+                inspect(&mut self.tracker, self.active.as_deref(), &data)
+            }
+            // Data that is not UTF-8 cannot be inspected, so it is not passed on.
+            None if event.has_data() => Inspected::Drop,
+            _ => Inspected::Keep,
+        };
+        match inspected {
+            Inspected::Keep => self.queue.push_back(Bytes::from(event.into_raw())),
+            Inspected::Replace(new) => self.queue.push_back(Bytes::from(event.with_data(&new))),
+            Inspected::Drop => {}
+        }
+    }
+
+    fn fail_upstream(&mut self, reason: String) {
+        let refusal = Refusal::from(UpstreamFailed {
+            upstream: self.tracker.upstream().to_owned(),
+            reason,
+        });
+        self.fail(&refusal);
+    }
+
+    /// Answers what is still open and ends the stream.
+    fn fail(&mut self, refusal: &Refusal) {
+        tracing::warn!(upstream = %self.tracker.upstream(), error = %refusal, "event stream failed");
+        for answer in self.tracker.fail_all(refusal) {
+            self.queue
+                .push_back(Bytes::from(sse::message_event(&answer)));
+        }
+        self.done = true;
+    }
+}

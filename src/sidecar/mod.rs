@@ -1,0 +1,247 @@
+//! The sidecar: the agent's tool calls pass through it on their way to the tools.
+//!
+//! Routes on the tool listener (`listen`):
+//! - `/mcp/{name}`: an MCP server (`mcp_url`, or `mcp_command` run by the sidecar) over
+//!   Streamable HTTP ([`mcp`])
+//! - `/tools/{name}/...`: a plain HTTP tool (`http_url`) ([`http_tool`])
+//!
+//! The admin listener (`admin_listen`) is described in [`admin`].
+//!
+//! A tool call goes through these steps, each in its own module: the body cap
+//! ([`upstream::read_limited`]), the policy check of the call ([`policy_check`]), forwarding
+//! under the deadline ([`mcp`], [`http_tool`]), the output filter ([`output_filter`]); refusals
+//! are typed ([`denial`]) and turned into answers in one place ([`rescue`]). Policies are
+//! loaded and hot-reloaded off the request path ([`policies`], [`reload`]).
+
+pub mod admin;
+pub mod calls;
+pub mod cli;
+pub mod config;
+pub mod denial;
+pub mod http_tool;
+pub mod jsonrpc;
+pub mod mcp;
+pub mod metrics;
+pub mod output_filter;
+pub mod policies;
+pub mod policy_check;
+pub mod reload;
+pub mod rescue;
+mod serve;
+pub mod sse;
+pub mod stdio;
+mod time;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::response::Response;
+use axum::routing::any;
+use http::StatusCode;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+use config::UpstreamKind;
+use metrics::Metrics;
+use policies::{Active, Policies};
+use upstream::{HttpClient, Transport, Upstream};
+
+/// How long open connections (event streams) may take to finish after shutdown begins.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What every request handler shares.
+pub struct Shared {
+    pub policies: Arc<Policies>,
+    pub metrics: Arc<Metrics>,
+    pub client: HttpClient,
+    pub max_body_bytes: u64,
+    pub upstreams: HashMap<String, Arc<Upstream>>,
+}
+
+impl Shared {
+    /// The bytes buffered for one message: the configured cap, lowered by `max_memory_mb`.
+    pub fn body_cap(&self, active: Option<&Active>) -> u64 {
+        let memory = active
+            .and_then(|a| a.set.limits().max_memory_mb.as_ref())
+            .map(|l| l.value.saturating_mul(1024 * 1024));
+        match memory {
+            Some(m) => m.min(self.max_body_bytes),
+            None => self.max_body_bytes,
+        }
+    }
+}
+
+/// Runs the sidecar on `listener` (tool traffic) and `admin` until `shutdown` completes.
+///
+/// The policy directory is loaded before the listeners serve; without a valid set the sidecar
+/// still starts, refuses tool calls and reports not ready, and picks the files up as soon as
+/// they are fixed.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    admin: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let policies = Arc::new(Policies::new(config.policy_dir.clone(), metrics.clone()));
+    policies.refresh().await;
+
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+    let mut upstreams = HashMap::new();
+    for u in &config.upstreams {
+        let name: Arc<str> = Arc::from(u.name.as_str());
+        let kind = u
+            .kind()
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let transport = match kind {
+            UpstreamKind::McpUrl(uri) => Transport::Mcp(uri),
+            UpstreamKind::HttpUrl(uri) => Transport::Http(uri),
+            UpstreamKind::McpCommand(command) => {
+                let max_line = usize::try_from(config.max_body_bytes()).unwrap_or(usize::MAX);
+                let (server, task) = stdio::StdioServer::start(
+                    name.clone(),
+                    command,
+                    policies.clone(),
+                    max_line,
+                    stop.clone(),
+                );
+                tasks.push(task);
+                Transport::Stdio(server)
+            }
+        };
+        upstreams.insert(u.name.clone(), Arc::new(Upstream::new(name, transport)));
+    }
+    let shared = Arc::new(Shared {
+        policies: policies.clone(),
+        metrics,
+        client: upstream::http_client(),
+        max_body_bytes: config.max_body_bytes(),
+        upstreams,
+    });
+
+    let poll = Duration::from_millis(config.policy_poll_interval_ms.unwrap_or(500).max(50));
+    let watch_stop = stop.clone();
+    tasks.push(tokio::spawn(reload::watch(policies, poll, async move {
+        watch_stop.cancelled().await
+    })));
+
+    tracing::info!(
+        agent_id = %config.agent_id,
+        listen = %listener.local_addr()?,
+        admin = %admin.local_addr()?,
+        "sidecar serving"
+    );
+    let tools = tokio::spawn(serve::serve(
+        listener,
+        router(shared.clone()),
+        stop.clone(),
+        SHUTDOWN_GRACE,
+    ));
+    let admin = tokio::spawn(serve::serve(
+        admin,
+        admin::router(shared),
+        stop.clone(),
+        SHUTDOWN_GRACE,
+    ));
+    shutdown.await;
+    stop.cancel();
+    let _ = tokio::join!(tools, admin);
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+/// The tool listener's routes.
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/mcp/{name}", any(mcp_route))
+        .route("/tools/{name}", any(tool_route_root))
+        .route("/tools/{name}/{*rest}", any(tool_route))
+        .fallback(|| async {
+            rescue::json_response(
+                StatusCode::NOT_FOUND,
+                r#"{"error":{"code":"not_found","message":"no such route: use /mcp/{name} or /tools/{name}/..."}}"#.into(),
+            )
+        })
+        .with_state(shared)
+}
+
+fn unknown_upstream(name: &str) -> Response<Body> {
+    let body = serde_json::json!({"error": {"code": "not_found", "message": format!("no upstream named `{name}`")}});
+    rescue::json_response(StatusCode::NOT_FOUND, body.to_string())
+}
+
+async fn mcp_route(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response<Body> {
+    match shared.upstreams.get(&name) {
+        Some(up) if !matches!(up.transport, Transport::Http(_)) => {
+            let up = up.clone();
+            mcp::handle(shared, up, req).await
+        }
+        _ => unknown_upstream(&name),
+    }
+}
+
+async fn tool_route_root(
+    State(shared): State<Arc<Shared>>,
+    Path(name): Path<String>,
+    req: Request,
+) -> Response<Body> {
+    tool(shared, name, req).await
+}
+
+async fn tool_route(
+    State(shared): State<Arc<Shared>>,
+    Path((name, _)): Path<(String, String)>,
+    req: Request,
+) -> Response<Body> {
+    tool(shared, name, req).await
+}
+
+/// The path after `/tools/{name}`, as the agent sent it (still percent-encoded: the extracted
+/// path parameters are decoded, and forwarding them decoded would change the request).
+fn raw_rest(path: &str) -> String {
+    let after = path.strip_prefix("/tools/").unwrap_or("");
+    match after.find('/') {
+        Some(i) => after[i..].to_owned(),
+        None => String::new(),
+    }
+}
+
+async fn tool(shared: Arc<Shared>, name: String, req: Request) -> Response<Body> {
+    let rest = raw_rest(req.uri().path());
+    match shared.upstreams.get(&name) {
+        Some(up) => match &up.transport {
+            Transport::Http(base) => {
+                let (up, base) = (up.clone(), base.clone());
+                http_tool::handle(shared, up, base, rest, req).await
+            }
+            _ => unknown_upstream(&name),
+        },
+        None => unknown_upstream(&name),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::raw_rest;
+
+    #[test]
+    fn the_rest_of_a_tool_path_stays_encoded() {
+        assert_eq!(raw_rest("/tools/web/a%2Fb/c"), "/a%2Fb/c");
+        assert_eq!(raw_rest("/tools/web"), "");
+        assert_eq!(raw_rest("/tools/web/"), "/");
+    }
+}

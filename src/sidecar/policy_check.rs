@@ -1,0 +1,110 @@
+//! Enforcement step: the call itself. Asks the engine whether `tool` may be called with these
+//! arguments, and what the agent may see of `tools/list`.
+
+use std::time::Instant;
+
+use perfecx_policy::{Content, Decision, Outcome};
+use serde_json::Value;
+use serde_json::value::RawValue;
+
+use super::denial::{PolicyDenied, Refusal, Unjudgeable};
+use super::metrics::Metrics;
+use super::policies::Active;
+
+pub enum CallVerdict {
+    /// Forward the call as it is.
+    Forward,
+    /// Forward it with these arguments (sensitive data redacted).
+    ForwardRedacted(String),
+    Refuse(Refusal),
+}
+
+pub fn check_call(
+    active: &Active,
+    metrics: &Metrics,
+    tool: &str,
+    args: Content<'_>,
+) -> CallVerdict {
+    let started = Instant::now();
+    let decision = active.set.evaluate_call(tool, args);
+    metrics
+        .evaluation_duration
+        .observe(started.elapsed().as_secs_f64());
+    let decision = match decision {
+        Ok(d) => d,
+        Err(e) => {
+            return CallVerdict::Refuse(
+                Unjudgeable {
+                    reason: format!("the arguments are {e}"),
+                }
+                .into(),
+            );
+        }
+    };
+    record(metrics, tool, &decision, "call");
+    match decision.outcome {
+        Outcome::Allow => CallVerdict::Forward,
+        Outcome::Block => CallVerdict::Refuse(denied(&decision, false)),
+        Outcome::Redact => match active.set.redact_call(args) {
+            Ok(Some(redacted)) => CallVerdict::ForwardRedacted(redacted),
+            Ok(None) => CallVerdict::Forward,
+            Err(e) => CallVerdict::Refuse(
+                Unjudgeable {
+                    reason: format!("the arguments are {e}"),
+                }
+                .into(),
+            ),
+        },
+    }
+}
+
+/// Counts and logs every violation of a decision.
+pub fn record(metrics: &Metrics, tool: &str, decision: &Decision<'_>, stage: &str) {
+    for v in &decision.violations {
+        metrics.violation(v.policy, v.rule.as_str());
+        tracing::warn!(
+            tool,
+            stage,
+            policy = v.policy,
+            rule = v.rule.as_str(),
+            action = v.action.as_str(),
+            detail = %v.detail,
+            "policy violation"
+        );
+    }
+}
+
+/// The refusal for a blocked decision, naming the policy and rule that blocked it.
+pub fn denied(decision: &Decision<'_>, output: bool) -> Refusal {
+    match decision.blocking() {
+        Some(v) => PolicyDenied {
+            policy: v.policy.to_owned(),
+            rule: v.rule.as_str(),
+            detail: v.detail.clone(),
+            output,
+        }
+        .into(),
+        // A block always has a blocking violation; refuse anyway if not (fail closed).
+        None => PolicyDenied {
+            policy: "unknown".into(),
+            rule: "unknown",
+            detail: "blocked".into(),
+            output,
+        }
+        .into(),
+    }
+}
+
+/// A `tools/list` result without the tools that no call could use. `None`: nothing to hide
+/// (or not a list result).
+pub fn filter_tools(active: &Active, result: &RawValue) -> Option<Value> {
+    let mut result: Value = serde_json::from_str(result.get()).ok()?;
+    let tools = result.get_mut("tools")?.as_array_mut()?;
+    let before = tools.len();
+    tools.retain(|t| {
+        t.get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|name| active.set.tool_allowed(name))
+    });
+    (tools.len() != before).then_some(result)
+}

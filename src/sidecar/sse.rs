@@ -1,0 +1,178 @@
+//! Server-sent events, split event by event as bytes arrive, so that a stream is inspected
+//! without ever being buffered whole. Each event is capped.
+
+/// One event: its raw bytes (terminating blank line included) and its joined `data` lines.
+pub struct Event {
+    raw: Vec<u8>,
+}
+
+#[derive(Debug)]
+pub struct EventTooLarge;
+
+impl Event {
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
+    pub fn into_raw(self) -> Vec<u8> {
+        self.raw
+    }
+
+    fn lines(&self) -> impl Iterator<Item = &[u8]> {
+        self.raw
+            .split(|b| *b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .filter(|l| !l.is_empty())
+    }
+
+    /// Whether the event has a `data` field at all.
+    pub fn has_data(&self) -> bool {
+        self.lines()
+            .any(|l| l.starts_with(b"data:") || l == b"data")
+    }
+
+    /// The event's data (lines joined by `\n`), if it has any and it is UTF-8.
+    pub fn data(&self) -> Option<String> {
+        let mut data: Option<String> = None;
+        for line in self.lines() {
+            let Some(rest) = line.strip_prefix(b"data") else {
+                continue;
+            };
+            let value = match rest {
+                [] => &[][..],
+                [b':', b' ', v @ ..] | [b':', v @ ..] => v,
+                _ => continue,
+            };
+            let value = std::str::from_utf8(value).ok()?;
+            match &mut data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(value);
+                }
+                None => data = Some(value.to_owned()),
+            }
+        }
+        data
+    }
+
+    /// The event with its data replaced; `id`, `event` and other fields kept in order.
+    pub fn with_data(&self, data: &str) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.raw.len() + data.len());
+        for line in self.lines() {
+            if line.starts_with(b"data:") || line == b"data" {
+                continue;
+            }
+            out.extend_from_slice(line);
+            out.push(b'\n');
+        }
+        for line in data.split('\n') {
+            out.extend_from_slice(b"data: ");
+            out.extend_from_slice(line.as_bytes());
+            out.push(b'\n');
+        }
+        out.push(b'\n');
+        out
+    }
+}
+
+/// A message event made by the sidecar.
+pub fn message_event(data: &str) -> Vec<u8> {
+    format!("event: message\ndata: {data}\n\n").into_bytes()
+}
+
+pub struct Parser {
+    buf: Vec<u8>,
+    /// Where to resume looking for the end of the current event.
+    scanned: usize,
+    max: usize,
+}
+
+impl Parser {
+    pub fn new(max: usize) -> Parser {
+        Parser {
+            buf: Vec::new(),
+            scanned: 0,
+            max,
+        }
+    }
+
+    /// Feeds bytes; returns the events they complete.
+    pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Event>, EventTooLarge> {
+        self.buf.extend_from_slice(chunk);
+        let mut events = Vec::new();
+        while let Some(end) = self.event_end() {
+            let rest = self.buf.split_off(end);
+            let raw = std::mem::replace(&mut self.buf, rest);
+            self.scanned = 0;
+            events.push(Event { raw });
+        }
+        if self.buf.len() > self.max {
+            return Err(EventTooLarge);
+        }
+        Ok(events)
+    }
+
+    /// What is left when the stream ends (an event without its final blank line), if anything.
+    pub fn finish(&mut self) -> Option<Event> {
+        let raw = std::mem::take(&mut self.buf);
+        raw.iter()
+            .any(|b| !b.is_ascii_whitespace())
+            .then_some(Event { raw })
+    }
+
+    /// The index just past the blank line that ends the first event, if it has arrived.
+    fn event_end(&mut self) -> Option<usize> {
+        let buf = &self.buf;
+        let mut i = self.scanned;
+        while i < buf.len() {
+            if buf[i] == b'\n' {
+                match (buf.get(i + 1), buf.get(i + 2)) {
+                    (Some(b'\n'), _) => return Some(i + 2),
+                    (Some(b'\r'), Some(b'\n')) => return Some(i + 3),
+                    (None, _) | (Some(b'\r'), None) => break,
+                    _ => {}
+                }
+            }
+            i += 1;
+        }
+        self.scanned = i.saturating_sub(1);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_events_across_chunks() {
+        let mut p = Parser::new(1024);
+        let mut all = Vec::new();
+        let stream =
+            b"id: 1\nevent: message\ndata: {\"a\":\r\ndata: 1}\r\n\r\n: comment\n\ndata: x\n\n";
+        for chunk in stream.chunks(3) {
+            all.extend(p.push(chunk).unwrap());
+        }
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[0].data().as_deref(), Some("{\"a\":\n1}"));
+        assert_eq!(all[1].data(), None);
+        assert_eq!(all[2].data().as_deref(), Some("x"));
+        let rewritten = all[0].with_data("{}");
+        assert_eq!(rewritten, b"id: 1\nevent: message\ndata: {}\n\n");
+        assert!(p.finish().is_none());
+    }
+
+    #[test]
+    fn tells_missing_data_from_unreadable_data() {
+        let mut p = Parser::new(64);
+        let events = p.push(b"id: 1\n\ndata: \xff\n\n").unwrap();
+        assert!(!events[0].has_data());
+        assert!(events[1].has_data() && events[1].data().is_none());
+    }
+
+    #[test]
+    fn caps_an_event() {
+        let mut p = Parser::new(8);
+        assert!(p.push(b"data: 0123456789").is_err());
+    }
+}

@@ -1,0 +1,464 @@
+//! MCP servers over stdio that the sidecar runs (`mcp_command`), served to the agent over
+//! Streamable HTTP like any other upstream.
+//!
+//! The process runs in its own process group, under an address-space limit taken from
+//! `max_memory_mb`, and is killed with the sidecar. If it dies, the calls in flight get an
+//! error and it is started again with backoff; the agent's `initialize` is replayed so that the
+//! session carries on. Request ids are renumbered so that several agent connections can share
+//! the one process.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use perfecx_policy::Enforcement;
+use serde_json::{Map, Value};
+use tokio::io::AsyncWriteExt;
+use tokio::process::{Child, Command};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
+use tokio_util::sync::CancellationToken;
+
+use super::denial::UpstreamFailed;
+use super::jsonrpc;
+use super::policies::Policies;
+use super::rescue;
+use super::sse;
+
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+/// A process that ran this long before dying starts again without delay.
+const HEALTHY_RUN: Duration = Duration::from_secs(30);
+/// How long a request waits for a (re)starting process.
+const WAIT_FOR_PROCESS: Duration = Duration::from_secs(10);
+
+type PendingMap = Mutex<HashMap<u64, oneshot::Sender<Map<String, Value>>>>;
+
+/// One running process.
+struct Conn {
+    stdin: mpsc::Sender<String>,
+    pending: PendingMap,
+}
+
+struct InitCache {
+    params: Value,
+    result: Value,
+}
+
+pub struct StdioServer {
+    name: Arc<str>,
+    conn: watch::Sender<Option<Arc<Conn>>>,
+    next_id: AtomicU64,
+    init: Mutex<Option<InitCache>>,
+    /// Messages the server sends on its own (requests, notifications), for GET streams.
+    events: broadcast::Sender<String>,
+}
+
+impl StdioServer {
+    /// Starts the process and its supervisor, which stops (killing the process group) when
+    /// `shutdown` is cancelled.
+    pub fn start(
+        name: Arc<str>,
+        command: Vec<String>,
+        policies: Arc<Policies>,
+        max_line: usize,
+        shutdown: CancellationToken,
+    ) -> (Arc<StdioServer>, tokio::task::JoinHandle<()>) {
+        let server = Arc::new(StdioServer {
+            name,
+            conn: watch::Sender::new(None),
+            next_id: AtomicU64::new(1),
+            init: Mutex::new(None),
+            events: broadcast::channel(256).0,
+        });
+        let task = tokio::spawn(supervise(
+            server.clone(),
+            command,
+            policies,
+            max_line,
+            shutdown,
+        ));
+        (server, task)
+    }
+
+    fn failed(&self, reason: impl Into<String>) -> UpstreamFailed {
+        UpstreamFailed {
+            upstream: self.name.to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Serves one Streamable HTTP request.
+    pub async fn send(
+        &self,
+        method: Method,
+        _headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Body>, UpstreamFailed> {
+        match method {
+            Method::POST => self.post(body).await,
+            Method::GET => Ok(self.event_stream()),
+            _ => {
+                let mut res = Response::new(Body::empty());
+                *res.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                res.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("POST, GET"));
+                Ok(res)
+            }
+        }
+    }
+
+    async fn post(&self, body: Bytes) -> Result<Response<Body>, UpstreamFailed> {
+        let parsed = jsonrpc::parse_body(&body).map_err(|m| self.failed(m.0))?;
+        let conn = self.connection().await?;
+        let mut waits = Vec::new();
+        let mut answers: Vec<String> = Vec::new();
+        let mut guard = PendingGuard {
+            conn: conn.clone(),
+            ids: Vec::new(),
+        };
+        for raw in &parsed.messages {
+            let Ok(mut msg) = serde_json::from_str::<Map<String, Value>>(raw.get()) else {
+                answers.push(jsonrpc::error_message(
+                    None,
+                    jsonrpc::INVALID_REQUEST,
+                    "not a JSON-RPC message",
+                ));
+                continue;
+            };
+            let method = msg.get("method").and_then(Value::as_str).map(str::to_owned);
+            let id = msg.get("id").cloned();
+            match (method.as_deref(), id) {
+                (Some("initialize"), Some(id)) => {
+                    let cached = self.lock_init().as_ref().map(|c| c.result.clone());
+                    if let Some(result) = cached {
+                        answers.push(jsonrpc::result_message(&id.to_string(), &result));
+                        continue;
+                    }
+                    let params = msg.get("params").cloned().unwrap_or(Value::Null);
+                    let rx = self.forward(&conn, &mut guard, &mut msg).await?;
+                    waits.push((id, rx, Some(params)));
+                }
+                (Some(_), Some(id)) => {
+                    let rx = self.forward(&conn, &mut guard, &mut msg).await?;
+                    waits.push((id, rx, None));
+                }
+                (Some("notifications/initialized"), None) if self.lock_init().is_some() => {
+                    // The process was initialized already (by this or another agent).
+                }
+                _ => {
+                    let line = Value::Object(msg).to_string();
+                    conn.stdin
+                        .send(line)
+                        .await
+                        .map_err(|_| self.failed("the tool process exited"))?;
+                }
+            }
+        }
+        for (id, rx, init_params) in waits {
+            let answer = match rx.await {
+                Ok(mut reply) => {
+                    if let (Some(params), Some(result)) = (init_params, reply.get("result")) {
+                        *self.lock_init() = Some(InitCache {
+                            params,
+                            result: result.clone(),
+                        });
+                    }
+                    reply.insert("id".into(), id);
+                    Value::Object(reply).to_string()
+                }
+                Err(_) => jsonrpc::error_message(
+                    Some(&id.to_string()),
+                    jsonrpc::INTERNAL_ERROR,
+                    &format!(
+                        "the tool server `{}` exited before answering; it is being restarted",
+                        self.name
+                    ),
+                ),
+            };
+            answers.push(answer);
+        }
+        drop(guard);
+        if answers.is_empty() {
+            let mut res = Response::new(Body::empty());
+            *res.status_mut() = StatusCode::ACCEPTED;
+            return Ok(res);
+        }
+        Ok(rescue::json_response(
+            StatusCode::OK,
+            jsonrpc::join(&answers, parsed.batch),
+        ))
+    }
+
+    /// Renumbers a request, registers it and writes it to the process.
+    async fn forward(
+        &self,
+        conn: &Conn,
+        guard: &mut PendingGuard,
+        msg: &mut Map<String, Value>,
+    ) -> Result<oneshot::Receiver<Map<String, Value>>, UpstreamFailed> {
+        let internal = self.next_id.fetch_add(1, Ordering::Relaxed);
+        msg.insert("id".into(), Value::from(internal));
+        let (tx, rx) = oneshot::channel();
+        lock(&conn.pending).insert(internal, tx);
+        guard.ids.push(internal);
+        conn.stdin
+            .send(Value::Object(std::mem::take(msg)).to_string())
+            .await
+            .map_err(|_| self.failed("the tool process exited"))?;
+        Ok(rx)
+    }
+
+    /// The running process, waiting a while for one that is (re)starting.
+    async fn connection(&self) -> Result<Arc<Conn>, UpstreamFailed> {
+        let mut rx = self.conn.subscribe();
+        let wait = rx.wait_for(Option::is_some);
+        match tokio::time::timeout(WAIT_FOR_PROCESS, wait).await {
+            Ok(Ok(conn)) => conn
+                .clone()
+                .ok_or_else(|| self.failed("the tool process is not running")),
+            _ => Err(self.failed("the tool process is not running")),
+        }
+    }
+
+    fn event_stream(&self) -> Response<Body> {
+        let rx = self.events.subscribe();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(msg) => {
+                        let chunk = Bytes::from(sse::message_event(&msg));
+                        return Some((Ok::<_, std::convert::Infallible>(chunk), rx));
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        let mut res = Response::new(Body::from_stream(stream));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        res
+    }
+
+    fn lock_init(&self) -> std::sync::MutexGuard<'_, Option<InitCache>> {
+        lock(&self.init)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Forgets a request's pending entry when its caller goes away (a deadline, a client that hung
+/// up), so that nothing accumulates.
+struct PendingGuard {
+    conn: Arc<Conn>,
+    ids: Vec<u64>,
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut pending = lock(&self.conn.pending);
+        for id in &self.ids {
+            pending.remove(id);
+        }
+    }
+}
+
+/// The command line that runs `command` under an address-space limit of `mb` MiB, without
+/// unsafe code in this process: the shell sets the limit and then becomes the server.
+fn command_line(command: &[String], memory_mb: Option<u64>) -> Command {
+    let mut cmd = match memory_mb {
+        Some(mb) => {
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c")
+                .arg(format!(
+                    "ulimit -v {} && exec \"$0\" \"$@\"",
+                    mb.saturating_mul(1024)
+                ))
+                .args(command);
+            c
+        }
+        None => {
+            let mut c = Command::new(&command[0]);
+            c.args(&command[1..]);
+            c
+        }
+    };
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .process_group(0)
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn supervise(
+    server: Arc<StdioServer>,
+    command: Vec<String>,
+    policies: Arc<Policies>,
+    max_line: usize,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = FIRST_BACKOFF;
+    while !shutdown.is_cancelled() {
+        let memory_mb = policies.current().ok().and_then(|a| {
+            let l = a.set.limits().max_memory_mb.as_ref()?;
+            (l.enforcement == Enforcement::Strict).then_some(l.value)
+        });
+        let started = Instant::now();
+        match command_line(&command, memory_mb).spawn() {
+            Ok(child) => {
+                tracing::info!(upstream = %server.name, pid = child.id(), memory_mb, "tool process started");
+                run_once(&server, child, max_line, &shutdown).await;
+            }
+            Err(e) => {
+                tracing::error!(upstream = %server.name, command = ?command, error = %e, "cannot start the tool process");
+            }
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+        if started.elapsed() > HEALTHY_RUN {
+            backoff = FIRST_BACKOFF;
+        }
+        tracing::warn!(upstream = %server.name, retry_in_ms = backoff.as_millis() as u64, "tool process exited; restarting");
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Runs one process until it exits or the sidecar stops.
+async fn run_once(
+    server: &StdioServer,
+    mut child: Child,
+    max_line: usize,
+    shutdown: &CancellationToken,
+) {
+    let pid = child.id();
+    let (Some(mut stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        kill_group(pid);
+        let _ = child.wait().await;
+        return;
+    };
+    let (tx, mut rx) = mpsc::channel::<String>(64);
+    let conn = Arc::new(Conn {
+        stdin: tx,
+        pending: Mutex::new(HashMap::new()),
+    });
+    let writer = tokio::spawn(async move {
+        while let Some(mut line) = rx.recv().await {
+            line.push('\n');
+            if stdin.write_all(line.as_bytes()).await.is_err() || stdin.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    let reader_conn = conn.clone();
+    let events = server.events.clone();
+    let name = server.name.clone();
+    let mut reader = tokio::spawn(async move {
+        let mut lines = FramedRead::new(stdout, LinesCodec::new_with_max_length(max_line));
+        while let Some(line) = lines.next().await {
+            match line {
+                Ok(line) => dispatch(&reader_conn, &events, &line),
+                Err(LinesCodecError::MaxLineLengthExceeded) => {
+                    tracing::warn!(upstream = %name, limit = max_line, "the tool process wrote a message larger than the limit");
+                    // Its request cannot be told apart: fail all, rather than leave one hanging.
+                    lock(&reader_conn.pending).clear();
+                }
+                Err(LinesCodecError::Io(e)) => {
+                    tracing::warn!(upstream = %name, error = %e, "reading from the tool process failed");
+                    break;
+                }
+            }
+        }
+    });
+
+    // Replay the agent's initialize on a restarted process, before anyone else may use it.
+    let replay = lock(&server.init).as_ref().map(|c| c.params.clone());
+    let mut ok = true;
+    if let Some(params) = replay {
+        ok = replay_initialize(server, &conn, params).await;
+    }
+    if ok {
+        server.conn.send_replace(Some(conn.clone()));
+    }
+    tokio::select! {
+        _ = &mut reader => {}
+        _ = shutdown.cancelled() => {}
+    }
+    server.conn.send_replace(None);
+    // Dropping the senders tells every waiting caller that the process is gone.
+    lock(&conn.pending).clear();
+    kill_group(pid);
+    reader.abort();
+    writer.abort();
+    match child.wait().await {
+        Ok(status) => tracing::info!(upstream = %server.name, %status, "tool process ended"),
+        Err(e) => {
+            tracing::warn!(upstream = %server.name, error = %e, "waiting for the tool process failed")
+        }
+    }
+}
+
+async fn replay_initialize(server: &StdioServer, conn: &Conn, params: Value) -> bool {
+    let internal = server.next_id.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = oneshot::channel();
+    lock(&conn.pending).insert(internal, tx);
+    let request = serde_json::json!({"jsonrpc": "2.0", "id": internal, "method": "initialize", "params": params});
+    if conn.stdin.send(request.to_string()).await.is_err() {
+        return false;
+    }
+    match tokio::time::timeout(WAIT_FOR_PROCESS, rx).await {
+        Ok(Ok(_)) => {
+            let note = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+            conn.stdin.send(note.to_owned()).await.is_ok()
+        }
+        _ => {
+            tracing::warn!(upstream = %server.name, "the restarted tool process did not answer initialize");
+            false
+        }
+    }
+}
+
+/// Routes one line from the process: an answer to its caller, anything else to GET streams.
+fn dispatch(conn: &Conn, events: &broadcast::Sender<String>, line: &str) {
+    let Ok(msg) = serde_json::from_str::<Map<String, Value>>(line) else {
+        tracing::debug!(line, "ignoring a line that is not a JSON-RPC message");
+        return;
+    };
+    let is_response = !msg.contains_key("method");
+    if is_response {
+        if let Some(id) = msg.get("id").and_then(Value::as_u64) {
+            if let Some(tx) = lock(&conn.pending).remove(&id) {
+                let _ = tx.send(msg);
+            }
+        }
+        return;
+    }
+    // Nobody listening is fine: such messages are optional for the server to deliver.
+    let _ = events.send(line.to_owned());
+}
+
+fn kill_group(pid: Option<u32>) {
+    let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) else {
+        return;
+    };
+    // The group may be gone already; there is nothing more to do then.
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}

@@ -1,0 +1,224 @@
+//! The tool servers behind the sidecar, and how requests reach them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::denial::{TooLarge, UpstreamFailed};
+use super::stdio::StdioServer;
+
+pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+pub fn http_client() -> HttpClient {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(Duration::from_secs(5)));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
+}
+
+pub enum Transport {
+    /// An MCP server over Streamable HTTP.
+    Mcp(Uri),
+    /// An MCP server over stdio that the sidecar runs.
+    Stdio(Arc<StdioServer>),
+    /// A plain HTTP tool.
+    Http(Uri),
+}
+
+pub struct Upstream {
+    pub name: Arc<str>,
+    pub transport: Transport,
+    /// The `Host` header for requests to an HTTP upstream, computed once rather than by the
+    /// client for every request.
+    pub host: Option<HeaderValue>,
+}
+
+impl Upstream {
+    pub fn new(name: Arc<str>, transport: Transport) -> Upstream {
+        let host = match &transport {
+            Transport::Mcp(uri) | Transport::Http(uri) => host_header(uri),
+            Transport::Stdio(_) => None,
+        };
+        Upstream {
+            name,
+            transport,
+            host,
+        }
+    }
+}
+
+/// What the HTTP client would set as `Host` for `uri`: the host, and the port unless it is the
+/// scheme's default.
+fn host_header(uri: &Uri) -> Option<HeaderValue> {
+    let host = uri.host()?;
+    let default_port = match uri.scheme_str() {
+        Some("http") => Some(80),
+        Some("https") => Some(443),
+        _ => None,
+    };
+    let value = match uri.port_u16() {
+        Some(port) if Some(port) != default_port => format!("{host}:{port}"),
+        _ => host.to_owned(),
+    };
+    HeaderValue::from_str(&value).ok()
+}
+
+/// Headers that belong to one connection, not to the message (RFC 9110, 7.6.1), and those the
+/// sidecar sets itself.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+/// Keeps only the end-to-end headers of `headers`. Removing in place: most messages carry one
+/// or two such headers at most, and copying the rest into a new map costs more.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    while let Some(name) = headers.keys().find(|n| hop_by_hop(n)).cloned() {
+        headers.remove(&name);
+    }
+}
+
+/// Sends one request to an HTTP upstream; the response body streams.
+pub async fn send_http(
+    client: &HttpClient,
+    upstream: &Upstream,
+    method: Method,
+    uri: Uri,
+    mut headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response<Body>, UpstreamFailed> {
+    strip_hop_by_hop(&mut headers);
+    // Answers are inspected, so they must come uncompressed.
+    headers.remove(header::ACCEPT_ENCODING);
+    if let Some(host) = &upstream.host {
+        headers.insert(header::HOST, host.clone());
+    }
+    let mut req = Request::new(Full::new(body));
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.headers_mut() = headers;
+    let res = client.request(req).await.map_err(|e| UpstreamFailed {
+        upstream: upstream.name.to_string(),
+        reason: describe_client_error(&e),
+    })?;
+    let (mut parts, body) = res.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, Body::new(body)))
+}
+
+fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
+    if e.is_connect() {
+        let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+        let mut detail = String::new();
+        while let Some(s) = source {
+            detail = s.to_string();
+            source = s.source();
+        }
+        return format!("cannot connect: {detail}");
+    }
+    let mut msg = e.to_string();
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// Why a body could not be read whole.
+pub enum ReadError {
+    TooLarge(TooLarge),
+    Failed(String),
+}
+
+/// Reads a body up to `cap` bytes.
+pub async fn read_limited(body: Body, cap: u64, what: &'static str) -> Result<Bytes, ReadError> {
+    let limit = usize::try_from(cap).unwrap_or(usize::MAX);
+    match Limited::new(body, limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ReadError::TooLarge(TooLarge { limit: cap, what }))
+        }
+        Err(e) => {
+            // axum wraps the length error; look through it.
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*e);
+            while let Some(s) = source {
+                if s.is::<http_body_util::LengthLimitError>() {
+                    return Err(ReadError::TooLarge(TooLarge { limit: cap, what }));
+                }
+                source = s.source();
+            }
+            Err(ReadError::Failed(e.to_string()))
+        }
+    }
+}
+
+/// Whether a response's media type is `ty` (parameters ignored).
+pub fn media_type_is(headers: &HeaderMap, ty: &str) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(ty))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_is_what_the_client_would_send() {
+        let host = |u: &str| host_header(&u.parse().unwrap()).unwrap();
+        assert_eq!(host("http://127.0.0.1:8081/api"), "127.0.0.1:8081");
+        assert_eq!(host("http://tools.internal:80/"), "tools.internal");
+        assert_eq!(host("http://tools.internal"), "tools.internal");
+        assert_eq!(host("https://tools.internal:8443"), "tools.internal:8443");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_in_place() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("content-type", HeaderValue::from_static("application/json"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.append("x-trace", HeaderValue::from_static("a"));
+        h.append("x-trace", HeaderValue::from_static("b"));
+        h.insert("host", HeaderValue::from_static("agent.local"));
+        h.insert("content-length", HeaderValue::from_static("2"));
+        h.insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        strip_hop_by_hop(&mut h);
+        // The order of different names carries no meaning (RFC 9110, 5.3); that of one name's
+        // values does.
+        let mut names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["content-type", "x-trace"]);
+        let traces: Vec<&HeaderValue> = h.get_all("x-trace").iter().collect();
+        assert_eq!(traces, ["a", "b"]);
+    }
+}

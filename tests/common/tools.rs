@@ -1,0 +1,95 @@
+//! The tools of the test MCP server (served over HTTP by the tests, over stdio by the
+//! `mcp_test_server` example).
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use rmcp::handler::server::{router::tool::ToolRouter, wrapper::Parameters};
+use rmcp::model::{ServerCapabilities, ServerConfig};
+use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct AddArgs {
+    pub a: i64,
+    pub b: i64,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct TextArgs {
+    pub text: String,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct CommandArgs {
+    pub command: String,
+}
+
+#[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
+pub struct SlowArgs {
+    pub ms: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct TestTools {
+    tool_router: ToolRouter<Self>,
+}
+
+impl TestTools {
+    pub fn new() -> Self {
+        Self {
+            tool_router: Self::tool_router(),
+        }
+    }
+}
+
+impl Default for TestTools {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[tool_router]
+impl TestTools {
+    #[tool(description = "Add two numbers")]
+    fn add(&self, Parameters(AddArgs { a, b }): Parameters<AddArgs>) -> String {
+        (a + b).to_string()
+    }
+
+    #[tool(description = "Return the text")]
+    fn echo(&self, Parameters(TextArgs { text }): Parameters<TextArgs>) -> String {
+        text
+    }
+
+    #[tool(description = "Pretend to run a command (only echoes it)")]
+    fn shell(&self, Parameters(CommandArgs { command }): Parameters<CommandArgs>) -> String {
+        format!("ran {command}")
+    }
+
+    #[tool(description = "Answer after `ms` milliseconds")]
+    async fn slow(&self, Parameters(SlowArgs { ms }): Parameters<SlowArgs>) -> String {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        "done".into()
+    }
+
+    #[tool(description = "Return a secret and an e-mail address")]
+    fn leak(&self) -> String {
+        "key AKIAIOSFODNN7EXAMPLE, mail jane.doe@example.com".into()
+    }
+
+    #[tool(description = "Exit the process (for restart tests)")]
+    fn crash(&self) -> String {
+        std::process::exit(3)
+    }
+
+    #[tool(description = "Report the process id")]
+    fn pid(&self) -> String {
+        std::process::id().to_string()
+    }
+}
+
+#[tool_handler]
+impl ServerHandler for TestTools {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+}

@@ -1,0 +1,208 @@
+//! End-to-end: plain HTTP tools at `/tools/{name}/...` against a small upstream.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use common::*;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+async fn tool_server() -> (String, CancellationToken) {
+    let router =
+        axum::Router::new()
+            .route(
+                "/api/search",
+                post(|body: String| async move { axum::Json(json!({"echo": body})) }),
+            )
+            .route(
+                "/api/search",
+                get(|uri: axum::http::Uri| async move {
+                    format!("query {}", uri.query().unwrap_or(""))
+                }),
+            )
+            .route(
+                "/api/leak",
+                get(|| async { axum::Json(json!({"key": "AKIAIOSFODNN7EXAMPLE", "ok": true})) }),
+            )
+            .route(
+                "/api/pause",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    "paused"
+                }),
+            )
+            .route(
+                "/api/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    "late"
+                }),
+            );
+    let ct = CancellationToken::new();
+    let url = serve(router, ct.clone()).await;
+    (format!("{url}/api"), ct)
+}
+
+const LIMITS: &str =
+    "name: limits\nrules:\n  - type: execution_limit\n    max_execution_time_ms: 500\n";
+
+async fn send(method: reqwest::Method, url: &str, body: Option<String>) -> (u16, String) {
+    let mut req = reqwest::Client::new().request(method, url);
+    if let Some(b) = body {
+        req = req.header("content-type", "application/json").body(b);
+    }
+    let res = req.send().await.unwrap();
+    (res.status().as_u16(), res.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_tools_are_judged_both_ways() {
+    let (url, ct) = tool_server().await;
+    let sidecar = Sidecar::start_with(
+        &[("safety.yaml", SAFETY), ("limits.yaml", LIMITS)],
+        &format!("  - name: web\n    http_url: {url}\n  - name: shell\n    http_url: {url}\n"),
+        "max_body_bytes: 2048",
+    )
+    .await;
+    let post = reqwest::Method::POST;
+    let get = reqwest::Method::GET;
+
+    let (status, body) = send(
+        post.clone(),
+        &sidecar.url("/tools/web/search"),
+        Some(r#"{"q":"rust"}"#.into()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("rust"));
+
+    let (status, body) = send(
+        get.clone(),
+        &sidecar.url("/tools/web/search?q=rust%20book"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body, "query q=rust%20book");
+
+    // Blocked by content, in the body and in the query: 403 with a JSON error.
+    let (status, body) = send(
+        post.clone(),
+        &sidecar.url("/tools/web/search"),
+        Some(r#"{"q":"DROP  table users"}"#.into()),
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let err: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["policy"], "safety");
+    assert_eq!(err["error"]["rule"], "content_filter");
+    let (status, _) = send(
+        get.clone(),
+        &sidecar.url("/tools/web/search?q=rm%20-rf%20%2F"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403);
+
+    // Blocked by tool name.
+    let (status, body) = send(get.clone(), &sidecar.url("/tools/shell/search"), None).await;
+    assert_eq!(status, 403);
+    assert!(body.contains("tool_restriction"), "{body}");
+
+    // Output redacted, JSON kept valid.
+    let (status, body) = send(get.clone(), &sidecar.url("/tools/web/leak"), None).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["key"], "[REDACTED:aws_access_key]");
+    assert_eq!(v["ok"], true);
+
+    // Deadline: 504.
+    let (status, body) = send(get.clone(), &sidecar.url("/tools/web/slow"), None).await;
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("deadline_exceeded"), "{body}");
+
+    // Over the cap: 413.
+    let big = json!({"q": "x".repeat(4096)}).to_string();
+    let (status, _) = send(post.clone(), &sidecar.url("/tools/web/search"), Some(big)).await;
+    assert_eq!(status, 413);
+
+    // Invalid UTF-8: 400.
+    let res = reqwest::Client::new()
+        .post(sidecar.url("/tools/web/search"))
+        .body(vec![0xffu8, 0x00])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 400);
+
+    let m = sidecar.metrics().await;
+    assert!(
+        metric(
+            &m,
+            r#"perfecx_tool_calls_total{decision="allowed",tool="web",upstream="web"}"#
+        )
+        .is_some(),
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            r#"perfecx_tool_calls_total{decision="redacted",tool="web",upstream="web"}"#
+        )
+        .is_some(),
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            r#"perfecx_tool_calls_total{decision="blocked",tool="web",upstream="web"}"#
+        )
+        .is_some(),
+        "{m}"
+    );
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_tools_fail_closed() {
+    let (url, ct) = tool_server().await;
+    let sidecar = Sidecar::start(&[], &format!("  - name: web\n    http_url: {url}\n")).await;
+    let (status, body) = send(
+        reqwest::Method::GET,
+        &sidecar.url("/tools/web/search"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("no_policy"), "{body}");
+    assert_eq!(sidecar.admin_get("/readyz").await.0, 503);
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permissive_deadline_reports_instead_of_cutting() {
+    let (url, ct) = tool_server().await;
+    let permissive = "name: watch\nenforcement: permissive\nrules:\n  - type: execution_limit\n    max_execution_time_ms: 100\n";
+    let sidecar = Sidecar::start(
+        &[("watch.yaml", permissive)],
+        &format!("  - name: web\n    http_url: {url}\n"),
+    )
+    .await;
+    let (status, body) = send(reqwest::Method::GET, &sidecar.url("/tools/web/pause"), None).await;
+    assert_eq!((status, body.as_str()), (200, "paused"));
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"perfecx_policy_violations_total{policy="watch",rule="execution_limit"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    sidecar.stop().await;
+    ct.cancel();
+}

@@ -1,0 +1,366 @@
+//! End-to-end: an rmcp client calls rmcp tools through the sidecar over real sockets.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+async fn through_sidecar(json_response: bool) {
+    let (upstream, ct) = mcp_server(json_response).await;
+    let sidecar = Sidecar::start(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: tools\n    mcp_url: {upstream}\n"),
+    )
+    .await;
+    let client = client(&sidecar.mcp_url("tools")).await;
+
+    // tools/list hides the forbidden tool.
+    let tools = client.list_all_tools().await.unwrap();
+    let names: Vec<&str> = tools.iter().map(|t| &*t.name).collect();
+    assert!(
+        names.contains(&"add") && names.contains(&"echo"),
+        "{names:?}"
+    );
+    assert!(!names.contains(&"shell"), "shell must be hidden: {names:?}");
+
+    // Allowed.
+    let r = call(&client, "add", json!({"a": 1, "b": 2})).await;
+    assert!(!is_error(&r), "{r:?}");
+    assert_eq!(text(&r), "3");
+
+    // Forbidden tool: answered by the sidecar, naming policy and rule.
+    let r = call(&client, "shell", json!({"command": "ls"})).await;
+    assert!(is_error(&r));
+    let t = text(&r);
+    assert!(
+        t.contains("`safety`") && t.contains("tool_restriction"),
+        "{t}"
+    );
+
+    // Forbidden content, disguised: case, spacing and a zero-width character.
+    let r = call(&client, "echo", json!({"text": "please RM \u{200B} -RF /"})).await;
+    assert!(is_error(&r), "evasion must be caught: {r:?}");
+    assert!(text(&r).contains("content_filter"), "{}", text(&r));
+
+    // Sensitive data in the output is redacted before the agent sees it.
+    let r = call(&client, "leak", json!({})).await;
+    let t = text(&r);
+    assert!(!t.contains("AKIAIOSFODNN7EXAMPLE"), "{t}");
+    assert!(!t.contains("jane.doe@example.com"), "{t}");
+    assert!(t.contains("[REDACTED:aws_access_key]"), "{t}");
+
+    // The metrics saw it all.
+    let m = sidecar.metrics().await;
+    let allowed = r#"perfecx_tool_calls_total{decision="allowed",tool="add",upstream="tools"}"#;
+    let blocked = r#"perfecx_tool_calls_total{decision="blocked",tool="shell",upstream="tools"}"#;
+    let redacted = r#"perfecx_tool_calls_total{decision="redacted",tool="leak",upstream="tools"}"#;
+    assert_eq!(metric(&m, allowed), Some(1.0), "{m}");
+    assert_eq!(metric(&m, blocked), Some(1.0), "{m}");
+    assert_eq!(metric(&m, redacted), Some(1.0), "{m}");
+    assert!(
+        metric(
+            &m,
+            r#"perfecx_policy_violations_total{policy="safety",rule="tool_restriction"}"#
+        )
+        .is_some_and(|v| v >= 1.0),
+        "{m}"
+    );
+    assert_eq!(metric(&m, "perfecx_policy_synchronized"), Some(1.0));
+
+    client.cancel().await.unwrap();
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_answers_are_judged() {
+    through_sidecar(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_stream_answers_are_judged_event_by_event() {
+    through_sidecar(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_tool_meets_the_deadline() {
+    let (upstream, ct) = mcp_server(false).await;
+    let policy = r#"
+name: limits
+rules:
+  - type: execution_limit
+    max_execution_time_ms: 300
+"#;
+    let sidecar = Sidecar::start(
+        &[("limits.yaml", policy)],
+        &format!("  - name: tools\n    mcp_url: {upstream}\n"),
+    )
+    .await;
+    let client = client(&sidecar.mcp_url("tools")).await;
+    let r = call(&client, "slow", json!({"ms": 10})).await;
+    assert_eq!(text(&r), "done");
+    let r = call(&client, "slow", json!({"ms": 5000})).await;
+    assert!(is_error(&r));
+    assert!(text(&r).contains("within 300 ms"), "{}", text(&r));
+    let m = sidecar.metrics().await;
+    assert!(
+        metric(
+            &m,
+            r#"perfecx_policy_violations_total{policy="limits",rule="execution_limit"}"#
+        )
+        .is_some(),
+        "{m}"
+    );
+    assert!(
+        metric(
+            &m,
+            r#"perfecx_tool_call_errors_total{tool="slow",upstream="tools"}"#
+        )
+        .is_some()
+    );
+    client.cancel().await.unwrap();
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_valid_policies_calls_are_refused_until_they_are_fixed() {
+    let (upstream, ct) = mcp_server(true).await;
+    let sidecar = Sidecar::start(
+        &[(
+            "broken.yaml",
+            "name: broken\nrules:\n  - type: no_such_rule\n",
+        )],
+        &format!("  - name: tools\n    mcp_url: {upstream}\n"),
+    )
+    .await;
+    assert_eq!(sidecar.admin_get("/healthz").await.0, 200);
+    let (status, body) = sidecar.admin_get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    let (_, report) = sidecar.admin_get("/policies").await;
+    assert!(
+        report.contains("broken.yaml"),
+        "the error names the file: {report}"
+    );
+    assert!(report.contains("no_such_rule"), "{report}");
+
+    let client = client(&sidecar.mcp_url("tools")).await;
+    let r = call(&client, "add", json!({"a": 1, "b": 2})).await;
+    assert!(is_error(&r));
+    assert!(text(&r).contains("no valid policy set"), "{}", text(&r));
+    assert_eq!(
+        metric(&sidecar.metrics().await, "perfecx_policy_synchronized"),
+        Some(0.0)
+    );
+
+    // Fixing the file lets calls through, without a restart.
+    write_policy(&sidecar.policy_dir, "broken.yaml", SAFETY);
+    eventually("the fixed policy is loaded", || async {
+        sidecar.admin_get("/readyz").await.0 == 200
+    })
+    .await;
+    let r = call(&client, "add", json!({"a": 1, "b": 2})).await;
+    assert_eq!(text(&r), "3");
+    client.cancel().await.unwrap();
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_reload_and_a_bad_file_keeps_the_last_good_set() {
+    let (upstream, ct) = mcp_server(true).await;
+    let sidecar = Sidecar::start(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: tools\n    mcp_url: {upstream}\n"),
+    )
+    .await;
+    let client = client(&sidecar.mcp_url("tools")).await;
+    assert_eq!(
+        text(&call(&client, "add", json!({"a": 2, "b": 2})).await),
+        "4"
+    );
+
+    // A new file takes effect.
+    let no_add = "name: no-add\nrules:\n  - type: tool_restriction\n    forbidden_tools: [add]\n";
+    write_policy(&sidecar.policy_dir, "no-add.yaml", no_add);
+    eventually("add is forbidden", || async {
+        is_error(&call(&client, "add", json!({"a": 2, "b": 2})).await)
+    })
+    .await;
+
+    // A bad file is reported and changes nothing.
+    write_policy(
+        &sidecar.policy_dir,
+        "no-add.yaml",
+        "name: no-add\nrules: [oops\n",
+    );
+    eventually("the bad file is reported", || async {
+        metric(&sidecar.metrics().await, "perfecx_policy_synchronized") == Some(0.0)
+    })
+    .await;
+    let (_, report) = sidecar.admin_get("/policies").await;
+    assert!(report.contains("no-add.yaml"), "{report}");
+    let r = call(&client, "add", json!({"a": 2, "b": 2})).await;
+    assert!(is_error(&r), "the last good set still forbids add");
+    assert!(text(&r).contains("`no-add`"), "{}", text(&r));
+    let m = sidecar.metrics().await;
+    assert!(
+        metric(&m, r#"perfecx_policy_reloads_total{result="failure"}"#).is_some(),
+        "{m}"
+    );
+
+    // Removing it goes back to the first set.
+    std::fs::remove_file(sidecar.policy_dir.join("no-add.yaml")).unwrap();
+    eventually("add is allowed again", || async {
+        !is_error(&call(&client, "add", json!({"a": 2, "b": 2})).await)
+    })
+    .await;
+    assert_eq!(
+        metric(&sidecar.metrics().await, "perfecx_policy_synchronized"),
+        Some(1.0)
+    );
+    client.cancel().await.unwrap();
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mcp_server_over_stdio_is_spawned_served_and_restarted() {
+    let exe = stdio_server_path();
+    let memory = "name: memory\nrules:\n  - type: execution_limit\n    max_memory_mb: 2048\n";
+    let sidecar = Sidecar::start(
+        &[("safety.yaml", SAFETY), ("memory.yaml", memory)],
+        &format!("  - name: local\n    mcp_command: [{}]\n", exe.display()),
+    )
+    .await;
+    let client = client(&sidecar.mcp_url("local")).await;
+    let names: Vec<String> = client
+        .list_all_tools()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    assert!(names.contains(&"add".to_owned()) && !names.contains(&"shell".to_owned()));
+    assert_eq!(
+        text(&call(&client, "add", json!({"a": 40, "b": 2})).await),
+        "42"
+    );
+    assert!(is_error(
+        &call(&client, "shell", json!({"command": "ls"})).await
+    ));
+    let t = text(&call(&client, "leak", json!({})).await);
+    assert!(t.contains("[REDACTED:aws_access_key]"), "{t}");
+
+    // The process dies with the call in flight: that call gets an error, the next one a new
+    // process (the session carries on).
+    let first_pid = text(&call(&client, "pid", json!({})).await);
+    // It runs under the address-space limit of max_memory_mb, in its own process group.
+    let limits = std::fs::read_to_string(format!("/proc/{first_pid}/limits")).unwrap();
+    let address_space = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))
+        .unwrap();
+    assert!(
+        address_space.contains(&(2048u64 << 20).to_string()),
+        "{address_space}"
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{first_pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        fields[2], first_pid,
+        "the process leads its own group: {stat}"
+    );
+    let crashed = client
+        .call_tool(rmcp::model::CallToolRequestParams::new("crash"))
+        .await;
+    match crashed {
+        Ok(r) => assert!(is_error(&r), "{r:?}"),
+        Err(e) => assert!(e.to_string().contains("exited"), "{e}"),
+    }
+    let start = std::time::Instant::now();
+    let second_pid = loop {
+        assert!(start.elapsed() < PATIENCE, "the process was not restarted");
+        if let Ok(r) = client
+            .call_tool(rmcp::model::CallToolRequestParams::new("pid"))
+            .await
+        {
+            if !is_error(&r) {
+                break text(&r);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_ne!(first_pid, second_pid);
+    let pid: i32 = second_pid.parse().unwrap();
+    client.cancel().await.unwrap();
+    sidecar.stop().await;
+    // Killed with the sidecar.
+    eventually("the tool process is gone", || async move {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true)
+    })
+    .await;
+}
+
+/// The `mcp_test_server` example: `cargo test` builds it beside the test binaries; runners that
+/// build only tests (nextest) get it built here.
+fn stdio_server_path() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let path = profile_dir.join("examples").join("mcp_test_server");
+    if !path.exists() {
+        let mut build = std::process::Command::new(env!("CARGO"));
+        build
+            .args(["build", "--example", "mcp_test_server"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        assert!(
+            build.status().unwrap().success(),
+            "building mcp_test_server failed"
+        );
+    }
+    assert!(path.exists(), "{} is missing", path.display());
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_call_fails_while_policies_reload() {
+    let (upstream, ct) = mcp_server(true).await;
+    let sidecar = Sidecar::start(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: tools\n    mcp_url: {upstream}\n"),
+    )
+    .await;
+    let client = client(&sidecar.mcp_url("tools")).await;
+    let dir = sidecar.policy_dir.clone();
+    let writer = tokio::spawn(async move {
+        for i in 0..20 {
+            let text = format!(
+                "name: churn\nrules:\n  - type: content_filter\n    forbidden_patterns: [\"word{i}\"]\n"
+            );
+            write_policy(&dir, "churn.yaml", &text);
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
+    });
+    let mut calls = 0;
+    while !writer.is_finished() || calls < 20 {
+        let r = call(&client, "add", json!({"a": calls, "b": 1})).await;
+        assert!(!is_error(&r), "call {calls} failed during a reload: {r:?}");
+        assert_eq!(text(&r), (calls + 1).to_string());
+        calls += 1;
+    }
+    writer.await.unwrap();
+    client.cancel().await.unwrap();
+    sidecar.stop().await;
+    ct.cancel();
+}

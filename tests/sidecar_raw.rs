@@ -1,0 +1,385 @@
+//! End-to-end at the wire: batches, headers, malformed and oversized bodies, and upstreams that
+//! misbehave, against small hand-written JSON-RPC servers.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Response, StatusCode};
+use axum::routing::post;
+use common::*;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+type Seen = Arc<Mutex<Vec<(HeaderMap, String)>>>;
+
+/// Answers every request in a body (single or batch) as JSON.
+fn answer(body: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    let one = |m: &Value| -> Option<Value> {
+        let id = m.get("id")?.clone();
+        let method = m.get("method")?.as_str()?;
+        let result = match method {
+            "tools/list" => json!({"tools": [
+                {"name": "add", "inputSchema": {"type": "object"}},
+                {"name": "shell", "inputSchema": {"type": "object"}}
+            ]}),
+            "tools/call" => {
+                json!({"content": [{"type": "text", "text": format!("called {}", m["params"]["name"])}]})
+            }
+            _ => json!({}),
+        };
+        Some(json!({"jsonrpc": "2.0", "id": id, "result": result}))
+    };
+    match v {
+        Value::Array(items) => {
+            let out: Vec<Value> = items.iter().filter_map(one).collect();
+            (!out.is_empty()).then(|| Value::Array(out).to_string())
+        }
+        m => one(&m).map(|a| a.to_string()),
+    }
+}
+
+async fn upstream() -> (String, Seen, CancellationToken) {
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    let router = axum::Router::new()
+        .route(
+            "/rpc",
+            post(move |headers: HeaderMap, body: String| {
+                let s = s.clone();
+                async move {
+                    s.lock().unwrap().push((headers, body.clone()));
+                    match answer(&body) {
+                        Some(a) => Response::builder()
+                            .header("content-type", "application/json")
+                            .header("mcp-session-id", "session-1")
+                            .body(Body::from(a))
+                            .unwrap(),
+                        None => Response::builder()
+                            .status(StatusCode::ACCEPTED)
+                            .body(Body::empty())
+                            .unwrap(),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/sse",
+            post(|body: String| async move {
+                let id = serde_json::from_str::<Value>(&body).unwrap()["id"].clone();
+                let note = json!({"jsonrpc":"2.0","method":"notifications/progress","params":{"progressToken":1,"progress":50}});
+                let reply = json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":"mail jane.doe@example.com"}]}});
+                let stream = format!("id: 1\nevent: message\ndata: {note}\n\nid: 2\nevent: message\ndata: {reply}\n\n");
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from(stream))
+                    .unwrap()
+            }),
+        )
+        .route(
+            "/garbage",
+            post(|| async {
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Body::from("this is not {json"))
+                    .unwrap()
+            }),
+        )
+        .route(
+            "/midstream",
+            post(|| async {
+                // One event, then the stream ends without the answer.
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from("id: 1\ndata: \n\n"))
+                    .unwrap()
+            }),
+        )
+        .route(
+            "/dup",
+            post(|| async {
+                let two = r#"{"jsonrpc":"2.0","id":1,"result":{"content":[]},"result":{"content":[{"type":"text","text":"key AKIAIOSFODNN7EXAMPLE"}]}}"#;
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Body::from(two))
+                    .unwrap()
+            }),
+        )
+        .route(
+            "/plain",
+            post(|| async {
+                let answer = r#"{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"key AKIAIOSFODNN7EXAMPLE"}]}}"#;
+                Response::builder()
+                    .header("content-type", "text/plain")
+                    .body(Body::from(answer))
+                    .unwrap()
+            }),
+        )
+        .route(
+            "/hang",
+            post(|| async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                ""
+            }),
+        );
+    let ct = CancellationToken::new();
+    let url = serve(router, ct.clone()).await;
+    (url, seen, ct)
+}
+
+async fn post_json(url: &str, body: impl Into<reqwest::Body>) -> (u16, HeaderMap, String) {
+    let res = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", "session-1")
+        .header("mcp-protocol-version", "2025-06-18")
+        .header("accept-encoding", "gzip, br")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    (status, headers, res.text().await.unwrap())
+}
+
+fn call(id: u64, tool: &str, args: Value) -> Value {
+    json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":tool,"arguments":args}})
+}
+
+async fn sidecar_for(url: &str, extra: &str) -> Sidecar {
+    let upstreams = ["rpc", "sse", "garbage", "midstream", "hang", "dup", "plain"]
+        .iter()
+        .map(|p| format!("  - name: {p}\n    mcp_url: {url}/{p}\n"))
+        .collect::<String>();
+    let limits =
+        "name: limits\nrules:\n  - type: execution_limit\n    max_execution_time_ms: 2000\n";
+    Sidecar::start_with(
+        &[("safety.yaml", SAFETY), ("limits.yaml", limits)],
+        &upstreams,
+        extra,
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_batch_only_the_blocked_call_is_answered_by_the_sidecar() {
+    let (url, seen, ct) = upstream().await;
+    let sidecar = sidecar_for(&url, "").await;
+    let batch = json!([
+        call(1, "add", json!({"a": 1})),
+        call(2, "shell", json!({"command": "ls"})),
+        {"jsonrpc":"2.0","method":"notifications/initialized"},
+        {"jsonrpc":"2.0","id":3,"method":"tools/list"},
+    ]);
+    let (status, headers, body) = post_json(&sidecar.mcp_url("rpc"), batch.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["mcp-session-id"], "session-1");
+    let answers: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(answers.len(), 3, "{body}");
+    let by_id = |id: u64| answers.iter().find(|a| a["id"] == id).unwrap();
+    assert_eq!(by_id(1)["result"]["content"][0]["text"], "called \"add\"");
+    assert_eq!(by_id(2)["result"]["isError"], true);
+    let tools = by_id(3)["result"]["tools"].as_array().unwrap();
+    assert_eq!(tools.len(), 1, "shell is hidden: {body}");
+
+    // What reached the tool: the batch without the blocked call, headers passed through.
+    let (headers, forwarded) = seen.lock().unwrap().last().cloned().unwrap();
+    assert!(!forwarded.contains("shell"), "{forwarded}");
+    assert!(forwarded.contains("notifications/initialized"));
+    assert_eq!(headers["mcp-session-id"], "session-1");
+    assert_eq!(headers["mcp-protocol-version"], "2025-06-18");
+    assert!(
+        headers.get("accept-encoding").is_none(),
+        "answers must come uncompressed"
+    );
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_only_blocked_calls_never_reaches_the_tool() {
+    let (url, seen, ct) = upstream().await;
+    let sidecar = sidecar_for(&url, "").await;
+    let batch = json!([
+        call(1, "shell", json!({})),
+        call(2, "echo", json!({"t": "DROP TABLE x"}))
+    ]);
+    let (status, _, body) = post_json(&sidecar.mcp_url("rpc"), batch.to_string()).await;
+    assert_eq!(status, 200);
+    let answers: Vec<Value> = serde_json::from_str(&body).unwrap();
+    assert!(
+        answers.iter().all(|a| a["result"]["isError"] == true),
+        "{body}"
+    );
+    assert!(seen.lock().unwrap().is_empty());
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_pass_notifications_and_judge_answers() {
+    let (url, _, ct) = upstream().await;
+    let sidecar = sidecar_for(&url, "").await;
+    let (status, headers, body) = post_json(
+        &sidecar.mcp_url("sse"),
+        call(7, "echo", json!({})).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(
+        headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    assert!(body.contains("notifications/progress"), "{body}");
+    assert!(body.contains("id: 2"), "event ids are kept: {body}");
+    assert!(body.contains("[REDACTED:email]"), "{body}");
+    assert!(!body.contains("jane.doe"), "{body}");
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bodies_get_clear_errors() {
+    let (url, seen, ct) = upstream().await;
+    let sidecar = sidecar_for(&url, "max_body_bytes: 1024").await;
+    let rpc = sidecar.mcp_url("rpc");
+
+    let (status, _, body) = post_json(&rpc, "{not json").await;
+    assert_eq!(status, 400);
+    assert!(body.contains("-32700"), "{body}");
+
+    let (status, _, body) = post_json(&rpc, vec![0xffu8, 0xfe, 0x7b]).await;
+    assert_eq!(status, 400);
+    assert!(body.contains("UTF-8"), "{body}");
+
+    let big = call(1, "add", json!({"pad": "x".repeat(4096)})).to_string();
+    let (status, _, body) = post_json(&rpc, big).await;
+    assert_eq!(status, 413, "{body}");
+
+    // A tools/call without a tool name cannot be judged: refused, not forwarded.
+    let bad = json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"arguments":{}}});
+    let (status, _, body) = post_json(&rpc, bad.to_string()).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("-32602"), "{body}");
+
+    // Arguments that are not an object are still scanned.
+    let odd = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":"rm  -rf /"}}"#;
+    let (_, _, body) = post_json(&rpc, odd).await;
+    assert!(
+        body.contains("isError") && body.contains("content_filter"),
+        "{body}"
+    );
+
+    let (status, _, _) = post_json(&sidecar.mcp_url("nope"), "{}").await;
+    assert_eq!(status, 404);
+    assert!(seen.lock().unwrap().iter().all(|(_, b)| !b.contains("pad")));
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_upstreams_give_clear_errors_not_hangs() {
+    let (url, _, ct) = upstream().await;
+    // A port nobody listens on.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let sidecar = Sidecar::start_with(
+        &[
+            ("safety.yaml", SAFETY),
+            (
+                "limits.yaml",
+                "name: limits\nrules:\n  - type: execution_limit\n    max_execution_time_ms: 1000\n",
+            ),
+        ],
+        &format!(
+            "  - name: down\n    mcp_url: http://{closed}/mcp\n  - name: garbage\n    mcp_url: {url}/garbage\n  - name: midstream\n    mcp_url: {url}/midstream\n  - name: hang\n    mcp_url: {url}/hang\n"
+        ),
+        "",
+    )
+    .await;
+    let add = call(1, "add", json!({"a": 1})).to_string();
+
+    let (status, _, body) = post_json(&sidecar.mcp_url("down"), add.clone()).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["result"]["isError"], true);
+    assert!(body.contains("cannot connect"), "{body}");
+
+    let (_, _, body) = post_json(&sidecar.mcp_url("garbage"), add.clone()).await;
+    assert!(body.contains("not JSON-RPC"), "{body}");
+
+    let (status, _, body) = post_json(&sidecar.mcp_url("midstream"), add.clone()).await;
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("closed the stream before answering"),
+        "{body}"
+    );
+    assert!(body.contains("isError"), "{body}");
+
+    let (_, _, body) = post_json(&sidecar.mcp_url("hang"), add.clone()).await;
+    assert!(body.contains("within 1000 ms"), "{body}");
+
+    // Not a tool call: a dead upstream is a 502 with a JSON error.
+    let note = json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string();
+    let (status, _, body) = post_json(&sidecar.mcp_url("down"), note).await;
+    assert_eq!(status, 502, "{body}");
+
+    let m = sidecar.metrics().await;
+    assert!(
+        metric(
+            &m,
+            r#"perfecx_tool_call_errors_total{tool="add",upstream="down"}"#
+        )
+        .is_some(),
+        "{m}"
+    );
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_a_tool_might_read_differently_are_refused() {
+    let (url, seen, ct) = upstream().await;
+    let sidecar = sidecar_for(&url, "").await;
+
+    // Two `method` keys: a lenient parser would take the last one.
+    let dup = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call","params":{"name":"shell","arguments":{}}}"#;
+    let (status, _, body) = post_json(&sidecar.mcp_url("rpc"), dup).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("\"error\""), "{body}");
+
+    // A tools/call sent as a notification is dropped, not forwarded unjudged.
+    let note =
+        r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"shell","arguments":{}}}"#;
+    let (status, _, _) = post_json(&sidecar.mcp_url("rpc"), note).await;
+    assert_eq!(status, 202);
+    assert!(seen.lock().unwrap().is_empty(), "nothing reached the tool");
+
+    // An answer with two `result` keys is not shown; the call still gets an answer.
+    let (_, _, body) = post_json(
+        &sidecar.mcp_url("dup"),
+        call(1, "echo", json!({})).to_string(),
+    )
+    .await;
+    assert!(!body.contains("AKIA"), "{body}");
+    assert!(body.contains("isError"), "{body}");
+
+    // An answer labelled as something else is inspected all the same.
+    let (_, _, body) = post_json(
+        &sidecar.mcp_url("plain"),
+        call(1, "echo", json!({})).to_string(),
+    )
+    .await;
+    assert!(body.contains("[REDACTED:aws_access_key]"), "{body}");
+    sidecar.stop().await;
+    ct.cancel();
+}
