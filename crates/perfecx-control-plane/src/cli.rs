@@ -105,6 +105,48 @@ async fn shutdown_signal() {
     }
 }
 
+/// `perfecx keys ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum KeysCommand {
+    /// Mint an API key straight into the database; prints the key once.
+    Create(KeysCreateArgs),
+}
+
+/// `perfecx control-plane` for a synchronous `main`: runs on its own tokio runtime and turns
+/// an error into a message on stderr and exit code 1.
+pub fn control_plane_main(args: ControlPlaneArgs) -> std::process::ExitCode {
+    // Keeps a subscriber the caller may have installed already.
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(std::io::stderr)
+        .try_init();
+    block_on(control_plane(args))
+}
+
+/// `perfecx keys ...` for a synchronous `main`.
+pub fn keys_main(command: KeysCommand) -> std::process::ExitCode {
+    match command {
+        KeysCommand::Create(args) => block_on(keys_create(args)),
+    }
+}
+
+fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> std::process::ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build();
+    let result = match runtime {
+        Ok(runtime) => runtime.block_on(work),
+        Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("perfecx: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Mints an API key straight into the database (for the first keys, or when locked out).
 #[derive(Debug, Clone, Args)]
 pub struct KeysCreateArgs {

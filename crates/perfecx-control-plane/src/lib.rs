@@ -25,7 +25,10 @@ use axum::routing::get;
 use perfecx_api::Scope;
 use tokio::net::TcpListener;
 
-pub use cli::{ControlPlaneArgs, KeysCreateArgs, control_plane, keys_create};
+pub use cli::{
+    ControlPlaneArgs, KeysCommand, KeysCreateArgs, control_plane, control_plane_main, keys_create,
+    keys_main,
+};
 pub use config::Config;
 pub use ratelimit::{Limit, RateLimits};
 pub use store::SqliteSync;

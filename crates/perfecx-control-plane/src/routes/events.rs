@@ -29,20 +29,44 @@ pub fn router() -> Router<AppState> {
 
 /// Either body shape, told apart by a top-level `events` key; `true` for a batch.
 fn parse_events(bytes: &[u8]) -> ApiResult<(Vec<NewEvent>, bool)> {
+    // Fast path: straight into the typed shape. Anything it refuses goes the slow way below,
+    // which reaches the same result or names the offending field.
+    let maybe_batch = bytes.windows(8).any(|w| w == b"\"events\"");
+    let fast = if maybe_batch {
+        serde_json::from_slice::<EventBatch>(bytes)
+            .ok()
+            .map(|b| (b.events, true))
+    } else {
+        serde_json::from_slice::<NewEvent>(bytes)
+            .ok()
+            .map(|e| (vec![e], false))
+    };
+    match fast {
+        Some((events, true)) => check_batch_size(events.len()).map(|()| (events, true)),
+        Some(single) => Ok(single),
+        None => parse_events_slowly(bytes),
+    }
+}
+
+fn check_batch_size(count: usize) -> ApiResult<()> {
+    if count == 0 {
+        return Err(ApiError::bad_request(
+            "field `events` must hold at least one event",
+        ));
+    }
+    if count > MAX_BATCH_EVENTS {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "field `events` holds {count} events; a batch holds at most {MAX_BATCH_EVENTS}"
+        )));
+    }
+    Ok(())
+}
+
+fn parse_events_slowly(bytes: &[u8]) -> ApiResult<(Vec<NewEvent>, bool)> {
     let object: Map<String, Value> = parse_json(bytes)?;
     if object.contains_key("events") {
         let batch: EventBatch = from_value(Value::Object(object), "")?;
-        if batch.events.is_empty() {
-            return Err(ApiError::bad_request(
-                "field `events` must hold at least one event",
-            ));
-        }
-        if batch.events.len() > MAX_BATCH_EVENTS {
-            return Err(ApiError::PayloadTooLarge(format!(
-                "field `events` holds {} events; a batch holds at most {MAX_BATCH_EVENTS}",
-                batch.events.len()
-            )));
-        }
+        check_batch_size(batch.events.len())?;
         Ok((batch.events, true))
     } else {
         Ok((vec![from_value(Value::Object(object), "")?], false))
@@ -154,11 +178,11 @@ pub async fn ingest(
             to_row(event, &field, now)
         })
         .collect::<ApiResult<Vec<_>>>()?;
+    let received = rows.len() as u64;
     let stored = state
         .store()
-        .insert_events(&agent_id, &rows, status, now)
+        .insert_events(&agent_id, rows, status, now)
         .await?;
-    let received = rows.len() as u64;
     state.telemetry().events_accepted.inc_by(stored);
     state.telemetry().events_duplicate.inc_by(received - stored);
     let answer = EventsAccepted {

@@ -5,7 +5,8 @@
 //! WAL is fsynced, so an acknowledged write survives kill -9 and also power loss. (`NORMAL`
 //! would survive kill -9 too, since the WAL is in the OS cache, but may lose the last commits
 //! on power loss; it is available as an option.) SQLite has one writer at a time, so writes
-//! queue on an in-process lock instead of spinning on `SQLITE_BUSY`.
+//! queue on an in-process lock instead of spinning on `SQLITE_BUSY`, and concurrent event
+//! batches share commits (see `events::spawn_writer`).
 
 mod agents;
 mod events;
@@ -73,6 +74,8 @@ pub struct Store {
     pool: AnyPool,
     /// Present for SQLite: its single writer, taken before every write transaction.
     write_gate: Option<Arc<Mutex<()>>>,
+    /// Present for SQLite: events go through the group-committing writer.
+    event_queue: Option<events::EventQueue>,
 }
 
 impl Store {
@@ -115,7 +118,14 @@ impl Store {
             .await
             .map_err(|e| anyhow::anyhow!("cannot migrate the database: {e}"))?;
         let write_gate = is_sqlite.then(|| Arc::new(Mutex::new(())));
-        Ok(Store { pool, write_gate })
+        let event_queue = write_gate
+            .as_ref()
+            .map(|gate| events::spawn_writer(pool.clone(), gate.clone()));
+        Ok(Store {
+            pool,
+            write_gate,
+            event_queue,
+        })
     }
 
     pub fn pool(&self) -> &AnyPool {
