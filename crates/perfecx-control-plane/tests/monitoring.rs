@@ -340,3 +340,31 @@ async fn retention_prunes(db: TestDb) {
     store.close().await;
     server.stop().await;
 }
+
+on_both_databases!(keys_create_command);
+
+/// `perfecx keys create` mints a working key straight into the database.
+async fn keys_create_command(db: TestDb) {
+    let server = TestServer::start(&db).await;
+    let args = perfecx_control_plane::KeysCreateArgs {
+        database: db.url.clone(),
+        name: "from-cli".into(),
+        scopes: vec![perfecx_api::Scope::Read, perfecx_api::Scope::Write],
+    };
+    assert!(perfecx_control_plane::keys_create(args).await.is_ok());
+    let keys = server.get("/v1/api-keys", ADMIN_KEY).await;
+    let minted = keys.body["api_keys"]
+        .as_array()
+        .and_then(|keys| keys.iter().find(|k| k["name"] == "from-cli").cloned());
+    assert_eq!(
+        minted.map(|k| k["scopes"].clone()),
+        Some(json!(["read", "write"]))
+    );
+    let bad = perfecx_control_plane::KeysCreateArgs {
+        database: db.url.clone(),
+        name: " ".into(),
+        scopes: vec![],
+    };
+    assert!(perfecx_control_plane::keys_create(bad).await.is_err());
+    server.stop().await;
+}

@@ -159,8 +159,6 @@ pub async fn ingest(
         .map_err(|e| ApiError::bad_request(format!("agent id in the path {e}")))?;
     let bytes = read_body(request, MAX_EVENTS_BODY_BYTES).await?;
     let (events, batch) = parse_events(&bytes)?;
-    // Events count one by one against the quota, before any work is spent on them.
-    let quota = state.rate_limit(&who, Class::Events, events.len() as u64)?;
     let now = now_ms();
     let status = match events.last().map(|e| e.event_type) {
         Some(EventType::Error) => "error",
@@ -179,6 +177,8 @@ pub async fn ingest(
         })
         .collect::<ApiResult<Vec<_>>>()?;
     let received = rows.len() as u64;
+    // Valid events count one by one against the quota; a refused request takes nothing.
+    let quota = state.rate_limit(&who, Class::Events, received)?;
     let stored = state
         .store()
         .insert_events(&agent_id, rows, status, now)

@@ -113,10 +113,17 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(|e| anyhow::anyhow!("cannot open the database: {e}"))?;
-        MIGRATOR
-            .run(&pool)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot migrate the database: {e}"))?;
+        // SQLite has no migration lock: a process migrating the same new file at the same
+        // time (`perfecx keys create` while the server starts) makes one attempt fail. The
+        // failed migration rolled back, and the next attempt finds it applied.
+        let mut attempts = 0;
+        while let Err(e) = MIGRATOR.run(&pool).await {
+            attempts += 1;
+            if !is_sqlite || attempts == 3 {
+                return Err(anyhow::anyhow!("cannot migrate the database: {e}"));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         let write_gate = is_sqlite.then(|| Arc::new(Mutex::new(())));
         let event_queue = write_gate
             .as_ref()
