@@ -7,3 +7,4 @@ pub mod demo_tools;
 pub mod policy_cmd;
 pub mod policy_files;
 pub mod sidecar;
+pub mod up;

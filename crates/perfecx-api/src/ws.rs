@@ -1,0 +1,47 @@
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{Anomaly, MetricsResponse, PolicyBundle};
+
+/// What the control plane sends on the WebSocket at `/agents/{agent_id}`:
+/// `{"type": "...", "data": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", content = "data", rename_all = "snake_case")]
+pub enum ServerMessage {
+    AnomalyDetected(Anomaly),
+    /// A `policy_violation` event's `data` as the sidecar reported it.
+    PolicyViolation(Value),
+    MetricsUpdate(MetricsResponse),
+    /// A new policy bundle for the sidecar of this agent.
+    PolicyBundle(PolicyBundle),
+}
+
+/// What a client sends; the first message must be `{"type": "auth", "token": "..."}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMessage {
+    Auth { token: String },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_shapes() -> Result<(), serde_json::Error> {
+        let auth: ClientMessage =
+            serde_json::from_str(r#"{"type":"auth","token":"agt_1234567890abcdef"}"#)?;
+        assert_eq!(
+            auth,
+            ClientMessage::Auth {
+                token: "agt_1234567890abcdef".into()
+            }
+        );
+        let violation = ServerMessage::PolicyViolation(serde_json::json!({"tool": "shell"}));
+        assert_eq!(
+            serde_json::to_value(&violation)?,
+            serde_json::json!({"type": "policy_violation", "data": {"tool": "shell"}})
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,32 @@
+//! The background task that deletes expired events and marks silent agents inactive.
+
+use crate::config::Retention;
+use crate::store::{Store, now_ms};
+
+pub async fn run(store: Store, retention: Retention) {
+    let mut ticks = tokio::time::interval(retention.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        prune_once(&store, &retention).await;
+    }
+}
+
+/// One pass; failures are logged and retried at the next tick.
+pub async fn prune_once(store: &Store, retention: &Retention) {
+    let now = now_ms();
+    let age = |d: std::time::Duration| {
+        now.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    };
+    match store.prune_events(age(retention.events)).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(deleted = n, "pruned expired events"),
+        Err(e) => tracing::warn!(error = %e, "cannot prune events"),
+    }
+    if let Err(e) = store
+        .mark_idle_agents_inactive(age(retention.inactive_after))
+        .await
+    {
+        tracing::warn!(error = %e, "cannot mark idle agents inactive");
+    }
+}
