@@ -92,26 +92,31 @@ impl FromRequestParts<AppState> for Principal {
             .ok_or_else(|| {
                 ApiError::Unauthorized("the Authorization header must be `Bearer <key>`".into())
             })?;
-        let hash = hash_secret(secret);
-        let store = state.store();
-        if secret.starts_with(AGENT_TOKEN_PREFIX) {
-            if let Some((agent_id, stored)) = store.agent_by_token_hash(&hash).await?
-                && same_hash(&hash, &stored)
-            {
-                return Ok(Principal::Agent { agent_id });
-            }
-        } else if let Some(key) = store.key_by_hash(&hash).await?
-            && same_hash(&hash, &key.key_hash)
-        {
-            return Ok(Principal::Key {
-                key_id: key.key_id,
-                scopes: key.scopes,
-            });
-        }
-        Err(ApiError::Unauthorized(
-            "invalid or revoked API key or agent token".into(),
-        ))
+        authenticate(state, secret).await
     }
+}
+
+/// The principal a presented secret stands for (also for the WebSocket's auth message).
+pub async fn authenticate(state: &AppState, secret: &str) -> ApiResult<Principal> {
+    let hash = hash_secret(secret);
+    let store = state.store();
+    if secret.starts_with(AGENT_TOKEN_PREFIX) {
+        if let Some((agent_id, stored)) = store.agent_by_token_hash(&hash).await?
+            && same_hash(&hash, &stored)
+        {
+            return Ok(Principal::Agent { agent_id });
+        }
+    } else if let Some(key) = store.key_by_hash(&hash).await?
+        && same_hash(&hash, &key.key_hash)
+    {
+        return Ok(Principal::Key {
+            key_id: key.key_id,
+            scopes: key.scopes,
+        });
+    }
+    Err(ApiError::Unauthorized(
+        "invalid or revoked API key or agent token".into(),
+    ))
 }
 
 #[cfg(test)]

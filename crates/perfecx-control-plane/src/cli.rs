@@ -226,6 +226,76 @@ pub fn parse_limit(text: &str) -> Result<Limit, String> {
 mod tests {
     use super::*;
 
+    /// The arguments as the `perfecx` binary will mount them.
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum Command {
+        ControlPlane(ControlPlaneArgs),
+        #[command(subcommand)]
+        Keys(KeysCommand),
+    }
+
+    #[test]
+    fn arguments_parse_as_the_cli_mounts_them() {
+        use clap::Parser;
+        let cli = Cli::try_parse_from([
+            "perfecx",
+            "control-plane",
+            "--listen",
+            "127.0.0.1:0",
+            "--database",
+            "postgres://u@h/db",
+            "--rate-events",
+            "5/1m",
+            "--retention",
+            "7d",
+        ]);
+        let Ok(Cli {
+            command: Command::ControlPlane(args),
+        }) = cli
+        else {
+            unreachable!("{cli:?}")
+        };
+        let config = args.config();
+        assert_eq!(config.database_url, "postgres://u@h/db");
+        assert_eq!(
+            config.rate_limits.events,
+            Limit::new(5, Duration::from_secs(60))
+        );
+        assert_eq!(
+            config.rate_limits.registration,
+            Limit::new(100, Duration::from_secs(3600))
+        );
+        assert_eq!(config.retention.events, Duration::from_secs(7 * 86_400));
+        let cli = Cli::try_parse_from([
+            "perfecx",
+            "keys",
+            "create",
+            "--name",
+            "ci",
+            "--scopes",
+            "read,write",
+        ]);
+        let Ok(Cli {
+            command: Command::Keys(KeysCommand::Create(args)),
+        }) = cli
+        else {
+            unreachable!("{cli:?}")
+        };
+        assert_eq!(args.scopes, vec![Scope::Read, Scope::Write]);
+        assert!(
+            Cli::try_parse_from([
+                "perfecx", "keys", "create", "--name", "x", "--scopes", "root"
+            ])
+            .is_err()
+        );
+    }
+
     #[test]
     fn durations_and_limits() {
         assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(30 * 86_400)));

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod hub;
 pub mod ratelimit;
 pub mod retention;
 pub mod routes;
@@ -48,6 +49,7 @@ pub fn app(state: AppState) -> Router {
         .merge(routes::openapi::router());
     Router::new()
         .nest("/v1", v1)
+        .merge(routes::socket::router())
         .route("/metrics", get(telemetry::scrape))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

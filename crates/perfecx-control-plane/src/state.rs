@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::auth::Principal;
 use crate::error::ApiResult;
+use crate::hub::Hub;
 use crate::ratelimit::{Class, Quota, RateLimiter};
 use crate::store::Store;
 use crate::telemetry::Telemetry;
@@ -15,6 +16,7 @@ struct Inner {
     store: Store,
     limiter: RateLimiter,
     telemetry: Telemetry,
+    hub: Hub,
     /// `ws://host:port` or `wss://...`, the base of each agent's monitoring endpoint.
     monitoring_base: String,
 }
@@ -30,12 +32,17 @@ impl AppState {
             store,
             limiter,
             telemetry,
+            hub: Hub::default(),
             monitoring_base,
         }))
     }
 
     pub fn store(&self) -> &Store {
         &self.0.store
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.0.hub
     }
 
     pub fn telemetry(&self) -> &Telemetry {

@@ -206,6 +206,7 @@ pub async fn remove(
     who.require(Scope::Write)?;
     agent_id_in_path(&agent_id)?;
     if state.store().delete_agent(&agent_id).await? {
+        state.hub().close(&agent_id);
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(no_agent(&agent_id))

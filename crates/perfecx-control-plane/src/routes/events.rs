@@ -7,7 +7,7 @@ use axum::routing::post;
 use axum::{Json, Router};
 use perfecx_api::{
     ErrorBody, EventBatch, EventType, EventsAccepted, MAX_BATCH_EVENTS, NewEvent, Scope,
-    validate_agent_id,
+    ServerMessage, validate_agent_id,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
@@ -164,6 +164,16 @@ pub async fn ingest(
         Some(EventType::Error) => "error",
         _ => "active",
     };
+    // Watchers of this agent get its violations as they arrive.
+    let violations: Vec<Value> = if state.hub().is_watched(&agent_id) {
+        events
+            .iter()
+            .filter(|e| e.event_type == EventType::PolicyViolation)
+            .map(|e| Value::Object(e.data.clone()))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let rows = events
         .into_iter()
         .enumerate()
@@ -183,6 +193,11 @@ pub async fn ingest(
         .store()
         .insert_events(&agent_id, rows, status, now)
         .await?;
+    for data in violations {
+        state
+            .hub()
+            .publish(&agent_id, ServerMessage::PolicyViolation(data));
+    }
     state.telemetry().events_accepted.inc_by(stored);
     state.telemetry().events_duplicate.inc_by(received - stored);
     let answer = EventsAccepted {

@@ -6,6 +6,7 @@ pub mod keys;
 pub mod metrics;
 pub mod openapi;
 pub mod policies;
+pub mod socket;
 
 use serde::Deserialize;
 

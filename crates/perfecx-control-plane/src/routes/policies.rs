@@ -7,7 +7,7 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use perfecx_api::{
     AgentPolicyList, ApplyPoliciesRequest, BundledPolicy, ErrorBody, PolicyBundle, PolicyList,
-    PolicyRecord, Scope,
+    PolicyRecord, Scope, ServerMessage,
 };
 use perfecx_policy::{MAX_DOCUMENT_BYTES, Policy, PolicySet, parse_policy};
 use sha2::{Digest, Sha256};
@@ -122,6 +122,8 @@ pub async fn update(
     let (_, policy) = read_policy(request).await?;
     let stored = state.store().update_policy(&policy_id, &policy).await?;
     let stored = stored.ok_or_else(|| no_policy(&policy_id))?;
+    let agents = state.store().agents_with_policy(&policy_id).await?;
+    push_bundles(&state, &agents).await;
     Ok((quota, Json(stored.record)))
 }
 
@@ -134,7 +136,9 @@ pub async fn remove(
 ) -> ApiResult<impl IntoResponse> {
     who.require(Scope::Write)?;
     let quota = state.rate_limit(&who, Class::Policies, 1)?;
+    let agents = state.store().agents_with_policy(&policy_id).await?;
     if state.store().delete_policy(&policy_id).await? {
+        push_bundles(&state, &agents).await;
         Ok((quota, StatusCode::NO_CONTENT))
     } else {
         Err(no_policy(&policy_id))
@@ -177,6 +181,7 @@ pub async fn apply(
     store
         .attach_policies(&agent_id, &request.policy_ids)
         .await?;
+    push_bundles(&state, std::slice::from_ref(&agent_id)).await;
     let policies = store
         .agent_policies(&agent_id)
         .await?
@@ -226,6 +231,7 @@ pub async fn detach(
     who.require(Scope::Write)?;
     let quota = state.rate_limit(&who, Class::Policies, 1)?;
     if state.store().detach_policy(&agent_id, &policy_id).await? {
+        push_bundles(&state, std::slice::from_ref(&agent_id)).await;
         Ok((quota, StatusCode::NO_CONTENT))
     } else {
         Err(ApiError::not_found(format!(
@@ -245,24 +251,8 @@ pub async fn bundle(
     headers: HeaderMap,
 ) -> ApiResult<Response> {
     who.require_agent(&agent_id, Scope::Read)?;
-    let store = state.store();
-    if !store.agent_exists(&agent_id).await? {
-        return Err(no_agent(&agent_id));
-    }
-    let policies: Vec<BundledPolicy> = store
-        .agent_policies(&agent_id)
-        .await?
-        .into_iter()
-        .map(|p| BundledPolicy {
-            policy_id: p.record.policy_id,
-            version: p.record.version,
-            document: p.document,
-        })
-        .collect();
-    // The revision is a hash of the content, so that it is the same on every replica.
-    let content = serde_json::to_vec(&policies).map_err(ApiError::internal)?;
-    let revision = hex::encode(Sha256::digest(&content));
-    let etag = format!("\"{revision}\"");
+    let bundle = build_bundle(&state, &agent_id).await?;
+    let etag = format!("\"{}\"", bundle.revision);
     let etag_value = HeaderValue::from_str(&etag).map_err(ApiError::internal)?;
     let matches = headers
         .get(header::IF_NONE_MATCH)
@@ -276,10 +266,46 @@ pub async fn bundle(
     if matches {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
     }
-    let bundle = PolicyBundle {
-        agent_id,
+    Ok(([(header::ETAG, etag_value)], Json(bundle)).into_response())
+}
+
+/// The agent's policies as its sidecar needs them; 404 for an unknown agent.
+pub async fn build_bundle(state: &AppState, agent_id: &str) -> ApiResult<PolicyBundle> {
+    let store = state.store();
+    if !store.agent_exists(agent_id).await? {
+        return Err(no_agent(agent_id));
+    }
+    let policies: Vec<BundledPolicy> = store
+        .agent_policies(agent_id)
+        .await?
+        .into_iter()
+        .map(|p| BundledPolicy {
+            policy_id: p.record.policy_id,
+            version: p.record.version,
+            document: p.document,
+        })
+        .collect();
+    // The revision is a hash of the content, so that it is the same on every replica.
+    let content = serde_json::to_vec(&policies).map_err(ApiError::internal)?;
+    let revision = hex::encode(Sha256::digest(&content));
+    Ok(PolicyBundle {
+        agent_id: agent_id.to_string(),
         revision,
         policies,
-    };
-    Ok(([(header::ETAG, etag_value)], Json(bundle)).into_response())
+    })
+}
+
+/// Sends the current bundle to the watchers of each agent (their sidecars).
+async fn push_bundles(state: &AppState, agent_ids: &[String]) {
+    for agent_id in agent_ids {
+        if !state.hub().is_watched(agent_id) {
+            continue;
+        }
+        match build_bundle(state, agent_id).await {
+            Ok(bundle) => state
+                .hub()
+                .publish(agent_id, ServerMessage::PolicyBundle(bundle)),
+            Err(e) => tracing::warn!(agent_id, error = ?e, "cannot push a policy bundle"),
+        }
+    }
 }

@@ -197,14 +197,26 @@ impl Store {
         Ok(stored)
     }
 
-    /// Deletes events older than `before` (by their timestamp).
+    /// Deletes events older than `before` (by their timestamp), a chunk per transaction so
+    /// that ingestion is never held up for long behind a large purge.
     pub async fn prune_events(&self, before: i64) -> StoreResult<u64> {
-        let _gate = self.write_lock().await;
-        let done = sqlx::query("DELETE FROM events WHERE ts < $1")
+        const CHUNK: i64 = 5_000;
+        let mut deleted = 0;
+        loop {
+            let _gate = self.write_lock().await;
+            let done = sqlx::query(
+                "DELETE FROM events WHERE (agent_id, event_id) IN \
+                 (SELECT agent_id, event_id FROM events WHERE ts < $1 LIMIT $2)",
+            )
             .bind(before)
+            .bind(CHUNK)
             .execute(&self.pool)
             .await?;
-        Ok(done.rows_affected())
+            deleted += done.rows_affected();
+            if done.rows_affected() < CHUNK as u64 {
+                return Ok(deleted);
+            }
+        }
     }
 
     pub async fn count_events(&self, agent_id: &str) -> StoreResult<u64> {

@@ -189,6 +189,19 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// The agents a policy is applied to.
+    pub async fn agents_with_policy(&self, policy_id: &str) -> StoreResult<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT agent_id FROM agent_policies WHERE policy_id = $1 ORDER BY agent_id",
+        )
+        .bind(policy_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok(row.try_get("agent_id")?))
+            .collect()
+    }
+
     /// The policies applied to an agent, by name.
     pub async fn agent_policies(&self, agent_id: &str) -> StoreResult<Vec<StoredPolicy>> {
         let sql = format!(
