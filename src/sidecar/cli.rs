@@ -26,8 +26,12 @@ pub enum LogFormat {
 /// Sets up logging (`RUST_LOG`, default `info`) and runs the sidecar until Ctrl-C or SIGTERM.
 pub fn main(args: SidecarArgs) -> ExitCode {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal: in a pipe or a file (a container's log) the
+    // escape codes are noise, and writing them costs more than the rest of the line.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => builder.init(),

@@ -15,7 +15,21 @@ pub const INTERNAL_ERROR: i64 = -32603;
 /// A body: one message or a batch, each kept as its raw text.
 pub struct Body<'a> {
     pub batch: bool,
-    pub messages: Vec<&'a RawValue>,
+    pub messages: Vec<Message<'a>>,
+}
+
+/// One message of a body: its raw JSON text, and its envelope when reading the body already
+/// read it (a lone message), so that it is not parsed twice.
+pub struct Message<'a> {
+    raw: &'a str,
+    envelope: Option<Envelope<'a>>,
+}
+
+impl<'a> Message<'a> {
+    /// The message's JSON text, without surrounding whitespace.
+    pub fn get(&self) -> &'a str {
+        self.raw
+    }
 }
 
 /// Why a body is not JSON-RPC.
@@ -38,14 +52,36 @@ pub fn parse_body(bytes: &[u8]) -> Result<Body<'_>, Malformed> {
         }
         Ok(Body {
             batch: true,
-            messages,
+            messages: messages
+                .into_iter()
+                .map(|m| Message {
+                    raw: m.get(),
+                    envelope: None,
+                })
+                .collect(),
         })
     } else {
+        // Reading the envelope reads (and validates) the whole text: a readable envelope is
+        // a valid JSON object, and the message is the text without JSON whitespace around it,
+        // exactly what a `RawValue` would hold. Anything else takes the general path, which
+        // tells a body that is not JSON from a message that is not readable.
+        if let Ok(envelope) = serde_json::from_str::<Envelope<'_>>(text) {
+            return Ok(Body {
+                batch: false,
+                messages: vec![Message {
+                    raw: text.trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r')),
+                    envelope: Some(envelope),
+                }],
+            });
+        }
         let message: &RawValue = serde_json::from_str(text)
             .map_err(|e| Malformed(format!("the body is not valid JSON: {e}")))?;
         Ok(Body {
             batch: false,
-            messages: vec![message],
+            messages: vec![Message {
+                raw: message.get(),
+                envelope: None,
+            }],
         })
     }
 }
@@ -103,13 +139,29 @@ pub enum Request<'a> {
 }
 
 pub fn classify(message: &RawValue) -> Request<'_> {
-    let env = match serde_json::from_str::<Envelope<'_>>(message.get()) {
-        Ok(env) => env,
-        Err(e) => {
-            return Request::Invalid {
-                reason: format!("not a readable JSON-RPC message: {e}"),
-            };
-        }
+    classify_text(message.get(), None)
+}
+
+/// [`classify`] for a message of a body.
+pub fn classify_message<'a>(message: &Message<'a>) -> Request<'a> {
+    classify_text(message.raw, message.envelope.as_ref())
+}
+
+fn classify_text<'a>(message: &'a str, envelope: Option<&Envelope<'a>>) -> Request<'a> {
+    let parsed;
+    let env = match envelope {
+        Some(env) => env,
+        None => match serde_json::from_str::<Envelope<'_>>(message) {
+            Ok(env) => {
+                parsed = env;
+                &parsed
+            }
+            Err(e) => {
+                return Request::Invalid {
+                    reason: format!("not a readable JSON-RPC message: {e}"),
+                };
+            }
+        },
     };
     let Some(method) = env.method.as_deref() else {
         return Request::Other;
@@ -160,10 +212,22 @@ pub enum Reply<'a> {
 }
 
 pub fn classify_reply(message: &str) -> Reply<'_> {
-    let Ok(env) = serde_json::from_str::<Envelope<'_>>(message) else {
-        return Reply::Invalid;
-    };
-    match (env.id, env.method, env.result, env.error) {
+    match serde_json::from_str::<Envelope<'_>>(message) {
+        Ok(env) => reply(&env),
+        Err(_) => Reply::Invalid,
+    }
+}
+
+/// [`classify_reply`] for a message of a body.
+pub fn classify_reply_message<'a>(message: &Message<'a>) -> Reply<'a> {
+    match &message.envelope {
+        Some(env) => reply(env),
+        None => classify_reply(message.raw),
+    }
+}
+
+fn reply<'a>(env: &Envelope<'a>) -> Reply<'a> {
+    match (env.id, env.method.as_ref(), env.result, env.error) {
         (Some(id), None, Some(result), _) => Reply::Result { id, result },
         (Some(id), None, None, Some(_)) => Reply::Error { id },
         _ => Reply::Other,
@@ -193,8 +257,8 @@ pub fn error_message(id: Option<&str>, code: i64, message: &str) -> String {
 }
 
 /// `message` with its `params.arguments` replaced by `arguments` (JSON text).
-pub fn with_arguments(message: &RawValue, arguments: &str) -> Option<String> {
-    let mut msg: Map<String, Value> = serde_json::from_str(message.get()).ok()?;
+pub fn with_arguments(message: &str, arguments: &str) -> Option<String> {
+    let mut msg: Map<String, Value> = serde_json::from_str(message).ok()?;
     let args: Value = serde_json::from_str(arguments).ok()?;
     let params = msg.get_mut("params")?.as_object_mut()?;
     params.insert("arguments".into(), args);
@@ -240,7 +304,7 @@ mod tests {
         )
         .unwrap();
         assert!(body.batch);
-        let kinds: Vec<Request<'_>> = body.messages.iter().map(|m| classify(m)).collect();
+        let kinds: Vec<Request<'_>> = body.messages.iter().map(classify_message).collect();
         assert!(
             matches!(&kinds[0], Request::ToolCall { tool, arguments, .. } if tool == "calc" && *arguments == r#"{"a":1}"#)
         );
@@ -284,6 +348,59 @@ mod tests {
     }
 
     #[test]
+    fn a_lone_message_reads_as_it_would_in_a_batch() {
+        for text in [
+            " \r\n\t{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"params\":{\"name\":\"calc\",\"arguments\":{\"a\":1}}}\n ",
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","method":"tools/call"}"#,
+            r#"{"jsonrpc":"2.0","id":7,"result":{"content":[]}}"#,
+            r#"{"jsonrpc":"2.0","id":7,"result":{},"result":{"x":1}}"#,
+            r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"shell"}}"#,
+            r#"42"#,
+            r#""tools/call""#,
+            r#"null"#,
+        ] {
+            let lone = parse_body(text.as_bytes()).unwrap();
+            let batch = format!("[{text}]");
+            let batch = parse_body(batch.as_bytes()).unwrap();
+            let (a, b) = (&lone.messages[0], &batch.messages[0]);
+            assert_eq!(a.get(), b.get(), "{text}");
+            let kind = |r: Request<'_>| match r {
+                Request::ToolCall {
+                    id,
+                    tool,
+                    arguments,
+                } => {
+                    format!("call {} {tool} {arguments}", id.get())
+                }
+                Request::ToolsList { id } => format!("list {}", id.get()),
+                Request::BadToolCall { id, reason } => {
+                    format!("bad {:?} {reason}", id.map(RawValue::get))
+                }
+                Request::Invalid { reason } => format!("invalid {reason}"),
+                Request::OtherRequest { id } => format!("other {}", id.get()),
+                Request::Other => "other".into(),
+            };
+            assert_eq!(
+                kind(classify_message(a)),
+                kind(classify_message(b)),
+                "{text}"
+            );
+            let reply = |r: Reply<'_>| match r {
+                Reply::Result { id, result } => format!("result {} {}", id.get(), result.get()),
+                Reply::Error { id } => format!("error {}", id.get()),
+                Reply::Other => "other".into(),
+                Reply::Invalid => "invalid".into(),
+            };
+            assert_eq!(
+                reply(classify_reply_message(a)),
+                reply(classify_reply_message(b)),
+                "{text}"
+            );
+        }
+        assert!(parse_body(br#"{"jsonrpc":"2.0"} x"#).is_err());
+    }
+
+    #[test]
     fn rejects_what_is_not_json() {
         assert!(parse_body(b"{nope").is_err());
         assert!(parse_body(b"[]").is_err());
@@ -296,7 +413,7 @@ mod tests {
             br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"a":"x"}}}"#,
         )
         .unwrap();
-        let m = with_arguments(body.messages[0], r#"{"a":"[REDACTED:email]"}"#).unwrap();
+        let m = with_arguments(body.messages[0].get(), r#"{"a":"[REDACTED:email]"}"#).unwrap();
         assert!(m.contains("[REDACTED:email]"), "{m}");
         let r = with_result(
             r#"{"jsonrpc":"2.0","id":1,"result":{}}"#,

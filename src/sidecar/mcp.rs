@@ -121,7 +121,7 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
     let mut local: Vec<String> = Vec::new();
     let mut modified = false;
     for msg in &parsed.messages {
-        match jsonrpc::classify(msg) {
+        match jsonrpc::classify_message(msg) {
             Rpc::ToolCall {
                 id,
                 tool,
@@ -139,13 +139,14 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
                     ),
                 });
                 let verdict = match verdict {
-                    CallVerdict::ForwardRedacted(args) => match jsonrpc::with_arguments(msg, &args)
-                    {
-                        Some(m) => Ok(Some(m)),
-                        None => Err(Refusal::from(Unjudgeable {
-                            reason: "the redacted arguments could not be written back".into(),
-                        })),
-                    },
+                    CallVerdict::ForwardRedacted(args) => {
+                        match jsonrpc::with_arguments(msg.get(), &args) {
+                            Some(m) => Ok(Some(m)),
+                            None => Err(Refusal::from(Unjudgeable {
+                                reason: "the redacted arguments could not be written back".into(),
+                            })),
+                        }
+                    }
                     CallVerdict::Forward => Ok(None),
                     CallVerdict::Refuse(r) => Err(r),
                 };
@@ -351,7 +352,8 @@ async fn json_answer(
     let mut changed = false;
     let mut out: Vec<String> = Vec::with_capacity(parsed.messages.len() + local.len());
     for msg in &parsed.messages {
-        match inspect(&mut tracker, active, msg.get()) {
+        let reply = jsonrpc::classify_reply_message(msg);
+        match inspect_reply(&mut tracker, active, msg.get(), reply) {
             Inspected::Keep => out.push(msg.get().to_owned()),
             Inspected::Replace(new) => {
                 changed = true;
@@ -392,11 +394,21 @@ pub enum Inspected {
 
 /// One message from the server, judged if it answers a `tools/call` or `tools/list`.
 pub fn inspect(tracker: &mut Tracker, active: Option<&Active>, msg: &str) -> Inspected {
+    inspect_reply(tracker, active, msg, jsonrpc::classify_reply(msg))
+}
+
+/// [`inspect`], `msg` already classified.
+fn inspect_reply(
+    tracker: &mut Tracker,
+    active: Option<&Active>,
+    msg: &str,
+    reply: Reply<'_>,
+) -> Inspected {
     let replaced = |new: Option<String>| match new {
         Some(m) => Inspected::Replace(m),
         None => Inspected::Keep,
     };
-    match jsonrpc::classify_reply(msg) {
+    match reply {
         Reply::Result { id, result } => match tracker.take(&jsonrpc::id_key(id)) {
             Some(Pending::Call(call)) => {
                 let Some(active) = active else {
