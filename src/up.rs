@@ -8,9 +8,9 @@ use clap::Args;
 use perfecx_control_plane::ControlPlaneArgs;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing_subscriber::EnvFilter;
 
 use crate::sidecar::Config as SidecarConfig;
+use crate::sidecar::cli::{LogFormat, shutdown_signal};
 
 /// The sidecar `perfecx up` runs without `--sidecar-config`: the shipped policies, and the
 /// demo tools (`perfecx demo-tools`, spawned over stdio) as the one upstream.
@@ -34,11 +34,7 @@ pub struct UpArgs {
 }
 
 pub fn main(args: UpArgs) -> ExitCode {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::sidecar::cli::init_logging(LogFormat::Text);
     let sidecar = match sidecar_config(args.sidecar_config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -111,7 +107,7 @@ async fn run(control_plane: ControlPlaneArgs, sidecar: SidecarConfig) -> anyhow:
         perfecx_control_plane::run(api, control_plane.config(), until_stopped(stopped.clone()));
     let sc = crate::sidecar::run(sidecar, tools, admin, until_stopped(stopped));
     let signal = async move {
-        let _ = tokio::signal::ctrl_c().await;
+        shutdown_signal().await;
         let _ = stop.send(true);
     };
     tokio::spawn(signal);

@@ -25,22 +25,7 @@ pub enum LogFormat {
 
 /// Sets up logging (`RUST_LOG`, default `info`) and runs the sidecar until Ctrl-C or SIGTERM.
 pub fn main(args: SidecarArgs) -> ExitCode {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    // Colours only for a person at a terminal: in a pipe or a file (a container's log) the
-    // escape codes are noise, and writing them costs more than the rest of the line.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    match args.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder
-            .json()
-            .with_current_span(true)
-            .with_span_list(false)
-            .init(),
-    }
+    init_logging(args.log_format);
     let config = match Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
@@ -83,7 +68,29 @@ pub fn main(args: SidecarArgs) -> ExitCode {
     }
 }
 
-async fn shutdown_signal() {
+/// Logs to stderr as text or JSON, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a person at a terminal: in a pipe or a file (a container's log) the
+    // escape codes are noise, and writing them costs more than the rest of the line.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    // `try_init`: a subscriber installed earlier in the process is kept.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
