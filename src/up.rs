@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::sidecar::Config as SidecarConfig;
-use crate::sidecar::cli::{LogFormat, shutdown_signal};
+use crate::sidecar::cli::{LogFormat, block_on, shutdown_signal};
 
 /// The sidecar `perfecx up` runs without `--sidecar-config`: the shipped policies, and the
 /// demo tools (`perfecx demo-tools`, spawned over stdio) as the one upstream.
@@ -42,23 +42,7 @@ pub fn main(args: UpArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run(args.control_plane, sidecar)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    block_on(run(args.control_plane, sidecar))
 }
 
 fn sidecar_config(path: Option<&std::path::Path>) -> Result<SidecarConfig, String> {

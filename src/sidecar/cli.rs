@@ -33,17 +33,7 @@ pub fn main(args: SidecarArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async {
+    block_on(async {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| {
@@ -58,11 +48,28 @@ pub fn main(args: SidecarArgs) -> ExitCode {
                 )
             })?;
         super::run(config, listener, admin, shutdown_signal()).await
-    });
-    match result {
+    })
+}
+
+/// Runs `work` on a multi-threaded runtime until it ends; an error is printed, and exits 1.
+pub fn block_on<E: std::fmt::Display>(
+    work: impl std::future::Future<Output = Result<(), E>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // `#` shows an error's causes too, where it has them.
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

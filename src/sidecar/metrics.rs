@@ -28,6 +28,15 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Runs one policy evaluation, recording how long it took.
+    pub fn time_evaluation<T>(&self, evaluate: impl FnOnce() -> T) -> T {
+        let started = std::time::Instant::now();
+        let result = evaluate();
+        self.evaluation_duration
+            .observe(started.elapsed().as_secs_f64());
+        result
+    }
+
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let tool_calls = IntCounterVec::new(

@@ -1,8 +1,6 @@
 //! Enforcement step: what comes back. Sensitive data in a tool's result is redacted before the
 //! agent sees it; a result that breaks a strict content filter is replaced by an error.
 
-use std::time::Instant;
-
 use perfecx_policy::{Content, Outcome};
 
 use super::denial::{Refusal, UpstreamFailed};
@@ -24,11 +22,7 @@ pub fn check_output(
     tool: &str,
     output: Content<'_>,
 ) -> OutputVerdict {
-    let started = Instant::now();
-    let decision = active.set.evaluate_output(tool, output);
-    metrics
-        .evaluation_duration
-        .observe(started.elapsed().as_secs_f64());
+    let decision = metrics.time_evaluation(|| active.set.evaluate_output(tool, output));
     let decision = match decision {
         Ok(d) => d,
         // Output that cannot be inspected is not shown (fail closed).

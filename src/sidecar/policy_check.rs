@@ -1,8 +1,6 @@
 //! Enforcement step: the call itself. Asks the engine whether `tool` may be called with these
 //! arguments, and what the agent may see of `tools/list`.
 
-use std::time::Instant;
-
 use perfecx_policy::{Content, Decision, Outcome};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -25,11 +23,7 @@ pub fn check_call(
     tool: &str,
     args: Content<'_>,
 ) -> CallVerdict {
-    let started = Instant::now();
-    let decision = active.set.evaluate_call(tool, args);
-    metrics
-        .evaluation_duration
-        .observe(started.elapsed().as_secs_f64());
+    let decision = metrics.time_evaluation(|| active.set.evaluate_call(tool, args));
     let decision = match decision {
         Ok(d) => d,
         Err(e) => {
