@@ -4,15 +4,15 @@
 
 use std::collections::{HashMap, HashSet};
 
-use aho_corasick::AhoCorasick;
 use regex::RegexSet;
 use serde::Serialize;
 
 use crate::diagnostic::{Diagnostic, Diagnostics};
 use crate::glob::ToolMatcher;
+use crate::matcher::Matcher;
 use crate::model::{Enforcement, Policy, Rule, RuleKind, SensitiveAction};
 use crate::normalize::normalize_pattern;
-use crate::sensitive::{Detector, KindSet, SensitiveKind, trigger_automaton};
+use crate::sensitive::{Detector, KindSet, SensitiveKind};
 
 /// What `memory_protection` rules forbid unless they name their own patterns: the common
 /// phrasings of prompt injection, which must not be written into an agent's memory.
@@ -96,7 +96,10 @@ pub struct Limit {
 /// forbids it (two policies may forbid the same words).
 #[derive(Debug)]
 pub(crate) struct Patterns {
-    pub ac: AhoCorasick,
+    pub matcher: Matcher,
+    /// Whether the automaton may search a JSON document in place, across all its strings at
+    /// once: no pattern holds `"` or `\`, so no occurrence spans a string's quotes or escapes.
+    pub whole_document: bool,
     /// For each automaton pattern, the sensitive kinds it is a trigger of (see
     /// [`Detector`]): one pass finds forbidden patterns and sensitive-data candidates alike.
     pub triggers: Vec<KindSet>,
@@ -183,6 +186,7 @@ impl PolicySet {
             return Err(Diagnostics(diags));
         }
 
+        crate::normalize::warm_up();
         let mut set = PolicySet::empty();
         let mut pattern_ids: HashMap<String, usize> = HashMap::new();
         let mut normalized: Vec<String> = Vec::new();
@@ -313,14 +317,16 @@ impl PolicySet {
             });
         }
         if !normalized.is_empty() {
-            let ac = trigger_automaton(&normalized).map_err(|e| {
+            let matcher = Matcher::new(&normalized).map_err(|e| {
                 Diagnostic::document(
                     "<policy set>",
                     format!("too many forbidden patterns to compile: {e}"),
                 )
             })?;
+            let whole_document = !normalized.iter().any(|p| p.contains(['"', '\\']));
             set.patterns = Some(Patterns {
-                ac,
+                matcher,
+                whole_document,
                 triggers,
                 any_content_filter,
                 owners,

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::compile::{Limits, PolicySet, RuleRef};
 use crate::json::{JsonError, Scanner, TokenKind, push_json_string};
 use crate::model::{Enforcement, RuleKind, SensitiveAction};
-use crate::normalize::Normalizer;
+use crate::normalize::{Normalizer, is_normal};
 use crate::sensitive::{Finding, KindSet, mask};
 
 /// What is evaluated: JSON text (a call's arguments, a structured result) or plain text.
@@ -109,6 +109,8 @@ enum Direction {
 struct Scratch {
     scanner: Scanner,
     norm: Normalizer,
+    /// Occurrences in a whole document: (end, automaton pattern), sorted.
+    hits: Vec<(usize, usize)>,
 }
 
 thread_local! {
@@ -235,21 +237,76 @@ impl PolicySet {
         dir: Direction,
         out: &mut Vec<Violation<'s>>,
     ) -> Result<(), JsonError> {
-        with_scratch(|Scratch { scanner, norm }| {
-            let mut visit = |kind: TokenKind, text: &str, key: Option<&str>| {
-                let triggered = self.match_patterns(tool, norm.normalize(text), kind, dir, out);
-                if kind != TokenKind::Key {
-                    self.match_sensitive(text, key, triggered, dir, out);
+        with_scratch(
+            |Scratch {
+                 scanner,
+                 norm,
+                 hits,
+             }| {
+                let src = match content {
+                    Content::Json(src) => src,
+                    Content::Text(text) => {
+                        let triggered = self.match_patterns(
+                            tool,
+                            norm.normalize(text),
+                            TokenKind::String,
+                            dir,
+                            out,
+                        );
+                        self.match_sensitive(text, None, triggered, dir, out);
+                        return Ok(());
+                    }
+                };
+                // Most strings are normal already and hold no escape that could hide a pattern: one
+                // search over the whole document serves them all, its occurrences attributed to the
+                // string they lie in. The other strings are normalized and searched one by one.
+                let whole = self
+                    .patterns
+                    .as_ref()
+                    .filter(|p| p.whole_document)
+                    .map(|p| &p.matcher);
+                hits.clear();
+                if let Some(m) = whole {
+                    m.for_each(src.as_bytes(), &mut |pattern, end| {
+                        hits.push((end, pattern))
+                    });
+                    hits.sort_unstable();
                 }
-            };
-            match content {
-                Content::Json(src) => scanner.scan(src, &mut |t| visit(t.kind, t.text, t.key)),
-                Content::Text(text) => {
-                    visit(TokenKind::String, text, None);
-                    Ok(())
-                }
-            }
-        })
+                let mut next_hit = 0;
+                scanner.scan(src, &mut |t| {
+                    let inner = match t.kind {
+                        TokenKind::Number => t.raw.clone(),
+                        TokenKind::Key | TokenKind::String => t.raw.start + 1..t.raw.end - 1,
+                    };
+                    let in_place = whole.is_some()
+                        && only_quote_escapes(&src.as_bytes()[inner.clone()])
+                        && is_normal(t.text);
+                    let mut triggered = 0;
+                    while let Some(&(end, pattern)) = hits.get(next_hit)
+                        && end <= inner.end
+                    {
+                        next_hit += 1;
+                        if in_place
+                            && let Some(m) = whole
+                            && end - m.len(pattern) >= inner.start
+                        {
+                            triggered |= self.report_pattern(pattern, tool, t.kind, dir, out);
+                        }
+                    }
+                    if !in_place {
+                        let text = if is_normal(t.text) {
+                            t.text
+                        } else {
+                            norm.rewrite(t.text)
+                        };
+                        triggered = self.match_patterns(tool, text, t.kind, dir, out);
+                    }
+                    if t.kind != TokenKind::Key {
+                        self.match_sensitive(t.text, t.key, triggered, dir, out);
+                    }
+                })
+            },
+        )
     }
 
     /// Reports the forbidden patterns in `text` (normalized); returns the sensitive kinds whose
@@ -263,54 +320,63 @@ impl PolicySet {
         out: &mut Vec<Violation<'s>>,
     ) -> KindSet {
         let Some(p) = &self.patterns else { return 0 };
-        // One fast pass (with the automaton's prefilter) settles the common case of no match.
-        if !p.ac.is_match(text) {
-            return 0;
-        }
         let mut triggered = 0;
-        for m in p.ac.find_overlapping_iter(text) {
-            let id = m.pattern().as_usize();
-            triggered |= p.triggers[id];
-            for owner in &p.owners[id] {
-                if owner.kind == RuleKind::MemoryProtection
-                    && (dir == Direction::Output
-                        || !self
-                            .memory_rules
-                            .iter()
-                            .any(|r| r.at == owner.at && r.tools.find(tool).is_some()))
-                {
-                    continue;
-                }
-                let policy = self.policies[owner.at.policy].name.as_str();
-                let seen = out.iter().any(|v| {
-                    v.policy == policy
-                        && v.rule_index == owner.at.rule
-                        && v.matched.as_deref() == Some(&*owner.pattern)
-                });
-                if seen {
-                    continue;
-                }
-                let place = match (dir, kind) {
-                    (Direction::Output, _) => "the output",
-                    (Direction::Call, TokenKind::Key) => "an argument name",
-                    (Direction::Call, _) => "the arguments",
-                };
-                let detail = match owner.kind {
-                    RuleKind::MemoryProtection => {
-                        format!("`{}` in a write to memory tool `{tool}`", owner.pattern)
-                    }
-                    _ => format!("forbidden pattern `{}` in {place}", owner.pattern),
-                };
-                out.push(self.violation(
-                    owner.at,
-                    owner.kind,
-                    Action::Blocked,
-                    detail,
-                    Some(owner.pattern.to_string()),
-                ));
-            }
-        }
+        p.matcher.for_each(text.as_bytes(), &mut |pattern, _| {
+            triggered |= self.report_pattern(pattern, tool, kind, dir, out);
+        });
         triggered
+    }
+
+    /// Reports the violations of an occurrence of automaton pattern `pattern` in a token of
+    /// `kind`; returns the sensitive kinds it is a trigger of.
+    fn report_pattern<'s>(
+        &'s self,
+        pattern: usize,
+        tool: &str,
+        kind: TokenKind,
+        dir: Direction,
+        out: &mut Vec<Violation<'s>>,
+    ) -> KindSet {
+        let Some(p) = &self.patterns else { return 0 };
+        for owner in &p.owners[pattern] {
+            if owner.kind == RuleKind::MemoryProtection
+                && (dir == Direction::Output
+                    || !self
+                        .memory_rules
+                        .iter()
+                        .any(|r| r.at == owner.at && r.tools.find(tool).is_some()))
+            {
+                continue;
+            }
+            let policy = self.policies[owner.at.policy].name.as_str();
+            let seen = out.iter().any(|v| {
+                v.policy == policy
+                    && v.rule_index == owner.at.rule
+                    && v.matched.as_deref() == Some(&*owner.pattern)
+            });
+            if seen {
+                continue;
+            }
+            let place = match (dir, kind) {
+                (Direction::Output, _) => "the output",
+                (Direction::Call, TokenKind::Key) => "an argument name",
+                (Direction::Call, _) => "the arguments",
+            };
+            let detail = match owner.kind {
+                RuleKind::MemoryProtection => {
+                    format!("`{}` in a write to memory tool `{tool}`", owner.pattern)
+                }
+                _ => format!("forbidden pattern `{}` in {place}", owner.pattern),
+            };
+            out.push(self.violation(
+                owner.at,
+                owner.kind,
+                Action::Blocked,
+                detail,
+                Some(owner.pattern.to_string()),
+            ));
+        }
+        p.triggers[pattern]
     }
 
     fn match_sensitive<'s>(
@@ -424,6 +490,21 @@ fn tool_violation(r: &crate::compile::ToolRule, tool: &str) -> Option<(String, S
         )),
         _ => None,
     }
+}
+
+/// Whether the only escapes in `raw` (a JSON string's text between its quotes) are `\"` and
+/// `\\`, which no pattern can match across.
+fn only_quote_escapes(raw: &[u8]) -> bool {
+    let mut escapes = memchr::memchr_iter(b'\\', raw);
+    while let Some(i) = escapes.next() {
+        match raw.get(i + 1) {
+            Some(b'"') => {}
+            // The escaped backslash is the next one the iterator would yield.
+            Some(b'\\') => _ = escapes.next(),
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// `text` with each finding replaced by `[REDACTED:kind]` (overlaps: the first one wins).

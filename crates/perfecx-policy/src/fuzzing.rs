@@ -5,7 +5,7 @@ use std::sync::LazyLock;
 
 use serde::de::IgnoredAny;
 
-use crate::{Content, PolicySet, parse_policy};
+use crate::{Content, Decision, JsonError, Outcome, PolicySet, parse_policy};
 
 /// Parses arbitrary bytes as a policy document and compiles it.
 pub fn parse_and_compile(data: &[u8]) {
@@ -24,7 +24,7 @@ pub fn parse_and_compile(data: &[u8]) {
     }
 }
 
-static SHIPPED: LazyLock<PolicySet> = LazyLock::new(|| {
+fn shipped() -> PolicySet {
     let docs = [
         include_str!("../../../policies/production-safety-policy.yaml"),
         include_str!("../../../policies/secrets-and-pii.yaml"),
@@ -35,6 +35,18 @@ static SHIPPED: LazyLock<PolicySet> = LazyLock::new(|| {
         .filter_map(|d| parse_policy("shipped.yaml", d).ok())
         .collect();
     PolicySet::compile(policies).unwrap_or_else(|_| PolicySet::empty())
+}
+
+static SHIPPED: LazyLock<PolicySet> = LazyLock::new(shipped);
+
+/// The same policies, made to normalize and search every string of a document on its own: the
+/// reference that the whole-document search must agree with.
+static SHIPPED_PER_STRING: LazyLock<PolicySet> = LazyLock::new(|| {
+    let mut set = shipped();
+    if let Some(p) = set.patterns.as_mut() {
+        p.whole_document = false;
+    }
+    set
 });
 
 /// Evaluates arbitrary bytes as a call's arguments and as a tool's output, under the shipped
@@ -49,6 +61,12 @@ pub fn evaluate(data: &[u8]) {
     let tool = ["web_search", "memory_write", "shell", "file_reader"][usize::from(pick) % 4];
     let set = &*SHIPPED;
     let call = set.evaluate_call(tool, Content::Json(text));
+    let reference = SHIPPED_PER_STRING.evaluate_call(tool, Content::Json(text));
+    assert_eq!(
+        summary(&call),
+        summary(&reference),
+        "the whole-document search disagrees with string-by-string: {text:?}"
+    );
     // The scanner never refuses what serde_json accepts.
     if serde_json::from_str::<IgnoredAny>(text).is_ok() {
         assert!(
@@ -64,4 +82,14 @@ pub fn evaluate(data: &[u8]) {
         );
     }
     let _ = set.redact_output(Content::Text(text));
+}
+
+/// A decision as an order-free summary: the outcome and the sorted violations.
+fn summary(
+    decision: &Result<Decision<'_>, JsonError>,
+) -> Result<(Outcome, Vec<String>), JsonError> {
+    let d = decision.as_ref().map_err(Clone::clone)?;
+    let mut violations: Vec<String> = d.violations.iter().map(|v| format!("{v:?}")).collect();
+    violations.sort();
+    Ok((d.outcome, violations))
 }

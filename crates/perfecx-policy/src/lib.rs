@@ -44,6 +44,7 @@ mod evaluate;
 pub mod fuzzing;
 mod glob;
 mod json;
+mod matcher;
 mod model;
 mod normalize;
 pub mod sensitive;

@@ -24,9 +24,11 @@ pub(crate) struct Normalizer {
 impl Normalizer {
     /// The normalized form of `s` (ASCII letters may keep their case: match case-insensitively).
     pub(crate) fn normalize<'a>(&'a mut self, s: &'a str) -> &'a str {
-        if is_normal(s) {
-            return s;
-        }
+        if is_normal(s) { s } else { self.rewrite(s) }
+    }
+
+    /// The normalized form of `s`, which [`is_normal`] said is not normal, in a reused buffer.
+    pub(crate) fn rewrite(&mut self, s: &str) -> &str {
         let mut text = s;
         if has_percent_escape(text) {
             decode_into(text, &mut self.bytes, &mut self.decoded);
@@ -75,19 +77,88 @@ pub(crate) fn normalize_pattern(pattern: &str) -> String {
 /// Already normal up to ASCII case: no `%XX` escape, no whitespace but single spaces, and every
 /// non-ASCII character stable (visible, not a space, its own lowercase, unchanged by NFKC).
 /// Most text, in any script, is; it is then matched in place.
-fn is_normal(s: &str) -> bool {
+pub(crate) fn is_normal(s: &str) -> bool {
     let b = s.as_bytes();
-    // Each test is a vectorized pass; together far cheaper than a branchy loop per byte.
-    if b.iter().fold(false, |any, &c| any | (c < 0x20))
-        && b.iter()
-            .any(|c| matches!(c, b'\t' | b'\n' | b'\r' | 0x0b | 0x0c))
+    let Some((&last, _)) = b.split_last() else {
+        return true;
+    };
+    // One vectorized pass gathers what the byte-level tests need, far cheaper than a branchy
+    // loop per byte or one pass per test.
+    const CONTROL: u8 = 1;
+    const PERCENT: u8 = 2;
+    const NON_ASCII: u8 = 4;
+    const TWO_SPACES: u8 = 8;
+    // Multiplications rather than branches: this is what keeps the fold vectorized.
+    let class = |c: u8, next: u8| {
+        (u8::from(c < 0x20) * CONTROL)
+            | (u8::from(c == b'%') * PERCENT)
+            | (u8::from(c >= 0x80) * NON_ASCII)
+            | (u8::from(c == b' ' && next == b' ') * TWO_SPACES)
+    };
+    let seen = b
+        .iter()
+        .zip(&b[1..])
+        .fold(class(last, 0), |seen, (&c, &next)| seen | class(c, next));
+    if seen & TWO_SPACES != 0
+        || seen & CONTROL != 0
+            && b.iter()
+                .any(|c| matches!(c, b'\t' | b'\n' | b'\r' | 0x0b | 0x0c))
+        || seen & PERCENT != 0 && has_percent_escape(s)
     {
         return false;
     }
-    if memchr::memmem::find(b, b"  ").is_some() || has_percent_escape(s) {
-        return false;
+    if seen & NON_ASCII == 0 {
+        return true;
     }
-    s.is_ascii() || s.chars().all(|c| c.is_ascii() || is_stable(c))
+    // Only the non-ASCII characters need a look: skip ASCII sixteen bytes at a time. `i` stays
+    // on a character boundary: it moves over whole ASCII bytes or whole characters.
+    let table = stable_table();
+    let mut i = 0;
+    while i < b.len() {
+        if let Some(chunk) = b.get(i..i + 16) {
+            if chunk.iter().fold(0, |acc, &c| acc | c) < 0x80 {
+                i += 16;
+                continue;
+            }
+            i += chunk.iter().position(|&c| c >= 0x80).unwrap_or(0);
+        } else if b[i] < 0x80 {
+            i += 1;
+            continue;
+        }
+        let Some(c) = s.get(i..).and_then(|rest| rest.chars().next()) else {
+            return false;
+        };
+        let stable = match table.get(c as usize / 64) {
+            Some(bits) => bits >> (c as usize % 64) & 1 == 1,
+            None => is_stable(c),
+        };
+        if !stable {
+            return false;
+        }
+        i += c.len_utf8();
+    }
+    true
+}
+
+/// [`is_stable`] for every character of the Basic Multilingual Plane, one bit each (8 KiB),
+/// computed once: the lookups behind it cost far more than a bit test.
+fn stable_table() -> &'static [u64] {
+    static TABLE: std::sync::OnceLock<Vec<u64>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..0x10000 / 64)
+            .map(|block: u32| {
+                (0..64).fold(0u64, |bits, i| {
+                    let stable = char::from_u32(block * 64 + i).is_some_and(is_stable);
+                    bits | u64::from(stable) << i
+                })
+            })
+            .collect()
+    })
+}
+
+/// Computes the tables behind normalization now, rather than on the first request.
+pub(crate) fn warm_up() {
+    stable_table();
 }
 
 fn is_stable(c: char) -> bool {

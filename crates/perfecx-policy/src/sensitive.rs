@@ -6,9 +6,10 @@
 
 use std::fmt;
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use regex::{Regex, RegexSet};
 use serde::Serialize;
+
+use crate::matcher::Matcher;
 
 /// A kind of sensitive data, named as in policy documents (`sensitive_data_types`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -146,7 +147,7 @@ const MIN_NUMERIC_DIGITS: usize = 9;
 pub(crate) struct Detector {
     kinds: KindSet,
     regexes: Vec<Option<Regex>>,
-    triggers: Option<AhoCorasick>,
+    triggers: Option<Matcher>,
     trigger_kinds: Vec<SensitiveKind>,
     numeric: Option<(RegexSet, Vec<SensitiveKind>)>,
 }
@@ -207,7 +208,7 @@ impl Detector {
             .unzip();
         #[allow(clippy::expect_used)]
         let triggers = (!trigger_words.is_empty())
-            .then(|| trigger_automaton(&trigger_words).expect("trigger automaton builds"));
+            .then(|| Matcher::new(&trigger_words).expect("trigger automaton builds"));
         let numeric_kinds: Vec<SensitiveKind> = kinds
             .iter()
             .copied()
@@ -249,8 +250,8 @@ impl Detector {
     ) {
         if let Some(key) = key
             && self.kinds & SensitiveKind::GenericApiKey.bit() != 0
-            && is_secret_key_name(key)
             && looks_like_secret(text)
+            && is_secret_key_name(key)
         {
             found(Finding {
                 kind: SensitiveKind::GenericApiKey,
@@ -283,9 +284,11 @@ impl Detector {
 
     fn triggered(&self, text: &str) -> KindSet {
         let Some(ac) = &self.triggers else { return 0 };
-        ac.find_overlapping_iter(text).fold(0, |acc, m| {
-            acc | self.trigger_kinds[m.pattern().as_usize()].bit()
-        })
+        let mut kinds = 0;
+        ac.for_each(text.as_bytes(), &mut |pattern, _| {
+            kinds |= self.trigger_kinds[pattern].bit()
+        });
+        kinds
     }
 
     /// Validated matches of `kind` in `text`, which starts at `offset` of the scanned string.
@@ -319,49 +322,90 @@ impl Detector {
     }
 }
 
-/// An automaton over trigger literals, ignoring ASCII case, reporting overlapping matches.
-pub(crate) fn trigger_automaton<P: AsRef<[u8]>>(
-    patterns: &[P],
-) -> Result<AhoCorasick, aho_corasick::BuildError> {
-    AhoCorasick::builder()
-        .match_kind(MatchKind::Standard)
-        .ascii_case_insensitive(true)
-        .kind(Some(AhoCorasickKind::DFA))
-        .build(patterns)
-}
-
-/// The smallest range of `text` that covers every run of at least [`MIN_NUMERIC_DIGITS`] digits,
-/// or `None`: where numeric kinds could be.
+/// A range of `text` that covers every run of at least [`MIN_NUMERIC_DIGITS`] digits (with
+/// separators between them), or `None`: where numeric kinds could be.
 fn numeric_window(text: &str) -> Option<std::ops::Range<usize>> {
     // Most text has too few digits in all: a vectorized count settles it without the loop.
-    let total = text
-        .bytes()
-        .fold(0usize, |n, b| n + usize::from(b.is_ascii_digit()));
+    // Counted in bytes per block of 128, so that the count vectorizes without widening.
+    let total: usize = text
+        .as_bytes()
+        .chunks(128)
+        .map(|block| {
+            let n = block
+                .iter()
+                .fold(0u8, |n, b| n + u8::from(b.is_ascii_digit()));
+            usize::from(n)
+        })
+        .sum();
     if total < MIN_NUMERIC_DIGITS {
         return None;
     }
-    let mut window: Option<std::ops::Range<usize>> = None;
-    let (mut run_start, mut digits) = (0, 0);
     let bytes = text.as_bytes();
-    for (i, &b) in bytes.iter().enumerate() {
-        match b {
-            b'0'..=b'9' => digits += 1,
-            b' ' | b'-' | b'.' | b'(' | b')' | b'+' | b'/' | b'A'..=b'Z' => {}
-            _ => {
-                if digits >= MIN_NUMERIC_DIGITS {
-                    let w = window.get_or_insert(run_start..i);
-                    w.end = i;
-                }
-                run_start = i + 1;
-                digits = 0;
+    let mut runs = Runs::default();
+    let mut chunks = bytes.chunks_exact(16);
+    for (c, chunk) in chunks.by_ref().enumerate() {
+        let at = c * 16;
+        // A chunk without digits is settled by two vectorized tests; it may widen the window a
+        // little past the exact one, which only costs the regular expressions a few bytes.
+        if !chunk.iter().fold(false, |any, b| any | b.is_ascii_digit()) {
+            if chunk.iter().fold(false, |any, &b| any | breaks_run(b)) {
+                runs.close(at + 16, at);
             }
+            continue;
+        }
+        for (i, &b) in chunk.iter().enumerate() {
+            runs.byte(at + i, b);
         }
     }
-    if digits >= MIN_NUMERIC_DIGITS {
-        let w = window.get_or_insert(run_start..bytes.len());
-        w.end = bytes.len();
+    let at = bytes.len() - chunks.remainder().len();
+    for (i, &b) in chunks.remainder().iter().enumerate() {
+        runs.byte(at + i, b);
     }
-    window
+    runs.close(bytes.len(), bytes.len());
+    // The window's ends may fall inside a character: widen to the character boundaries.
+    runs.window.map(|w| {
+        let start = (0..=w.start)
+            .rev()
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(0);
+        let end = (w.end..=text.len())
+            .find(|&i| text.is_char_boundary(i))
+            .unwrap_or(text.len());
+        start..end
+    })
+}
+
+/// Runs of digits and separators, and the window that covers the long ones.
+#[derive(Default)]
+struct Runs {
+    window: Option<std::ops::Range<usize>>,
+    /// Where the current run may start: at or before its first digit, after a breaking byte.
+    start: usize,
+    digits: usize,
+}
+
+impl Runs {
+    fn byte(&mut self, i: usize, b: u8) {
+        if b.is_ascii_digit() {
+            self.digits += 1;
+        } else if breaks_run(b) {
+            self.close(i, i + 1);
+        }
+    }
+
+    /// Ends the current run at `end`; the next may start at `next`.
+    fn close(&mut self, end: usize, next: usize) {
+        if self.digits >= MIN_NUMERIC_DIGITS {
+            self.window.get_or_insert(self.start..end).end = end;
+        }
+        self.start = next;
+        self.digits = 0;
+    }
+}
+
+/// Whether `b` ends a run of digits: anything but a digit or a separator found in numbers.
+fn breaks_run(b: u8) -> bool {
+    !matches!(b, b'0'..=b'9' | b' ' | b'-' | b'.' | b'(' | b')' | b'+' | b'/' | b'A'..=b'Z')
 }
 
 fn digits(s: &str) -> impl Iterator<Item = u32> + '_ {
@@ -700,5 +744,41 @@ mod tests {
     fn masks_without_revealing() {
         assert_eq!(mask("4111111111111111"), "4111********1111");
         assert_eq!(mask("short"), "*****");
+    }
+
+    /// The window as one exact byte loop finds it.
+    fn exact_window(text: &str) -> Option<std::ops::Range<usize>> {
+        let mut runs = Runs::default();
+        for (i, b) in text.bytes().enumerate() {
+            runs.byte(i, b);
+        }
+        runs.close(text.len(), text.len());
+        runs.window
+    }
+
+    #[test]
+    fn numeric_window_covers_every_long_run() {
+        let alphabet = ["1", "2", "9", " ", "-", "(", "+", "x", "Q", "é", "東", "\n"];
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            let mut text = String::new();
+            for _ in 0..seed % 80 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                // Long stretches of one symbol make whole chunks of digits or of letters.
+                let symbol = alphabet[(seed % alphabet.len() as u64) as usize];
+                text.push_str(&symbol.repeat(1 + (seed >> 40) as usize % 12));
+            }
+            let (fast, exact) = (numeric_window(&text), exact_window(&text));
+            assert_eq!(fast.is_some(), exact.is_some(), "{text:?}");
+            if let (Some(fast), Some(exact)) = (fast, exact) {
+                assert!(
+                    fast.start <= exact.start && fast.end >= exact.end,
+                    "{text:?}: {fast:?} does not cover {exact:?}"
+                );
+                assert!(text.is_char_boundary(fast.start) && text.is_char_boundary(fast.end));
+            }
+        }
     }
 }

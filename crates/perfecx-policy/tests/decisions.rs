@@ -266,3 +266,31 @@ fn an_empty_set_allows_and_says_so() {
         Outcome::Allow
     );
 }
+
+/// Long documents are searched whole, cut into lanes: a pattern is found wherever the cuts fall,
+/// once, and only inside a string (not across the quotes between two of them, not in a number).
+#[test]
+fn long_documents_are_searched_whole_and_exactly() {
+    let s = set(&[
+        "name: words\nrules:\n  - type: content_filter\n    forbidden_patterns: [drop table, '12345', 'a b']\n",
+    ]);
+    for at in (0..8000).step_by(397) {
+        let padding = "x".repeat(at);
+        let rest = "y".repeat(8000 - at);
+        let json = format!(r#"{{"a":"{padding}DROP TABLE{rest}","b":[1,2]}}"#);
+        let d = s.evaluate_call("tool", Content::Json(&json)).unwrap();
+        assert_eq!(d.outcome, Outcome::Block, "missed at {at}");
+        assert_eq!(d.violations.len(), 1);
+        assert_eq!(d.violations[0].matched.as_deref(), Some("drop table"));
+    }
+    let long = "z".repeat(5000);
+    let apart = format!(r#"{{"x":"{long} a","y":"b {long}","n":12345,"m":"{long}"}}"#);
+    let d = s.evaluate_call("tool", Content::Json(&apart)).unwrap();
+    assert_eq!(d.outcome, Outcome::Block);
+    let matched: Vec<_> = d.violations.iter().map(|v| v.matched.as_deref()).collect();
+    assert_eq!(
+        matched,
+        vec![Some("12345")],
+        "only the number holds a pattern"
+    );
+}

@@ -151,8 +151,73 @@ fn luhn_complete(body: &[u32]) -> u32 {
     (10 - sum % 10) % 10
 }
 
+/// Pieces of strings that stress the whole-document search: the shipped packs' patterns and
+/// triggers, the escapes that may or may not hide them, scripts, digits and padding long enough
+/// to cut a document into lanes.
+const FRAGMENTS: &[&str] = &[
+    "rm -rf /",
+    "RM  -RF",
+    "rm\\n-rf",
+    "drop table users",
+    "ignore previous instructions",
+    "IGNORE PREVIOUS\\tINSTRUCTIONS",
+    "/etc/shadow",
+    "\\/etc\\/shadow",
+    "AKIAIOSFODNN7EXAMPLE",
+    "ghp_0123456789abcdefghijklmnopqrstuvwxyz",
+    "jane@example.com",
+    "4111 1111 1111 1111",
+    "4111111111111111",
+    "\\\"quoted\\\"",
+    "back\\\\slash",
+    "\\u0072m -rf",
+    "r\\u200bm -rf",
+    "ｒｍ －ｒｆ",
+    "Grüße 東京",
+    "%72m%20-rf",
+    "secret",
+    " ",
+    "lorem ipsum dolor sit amet, consectetur adipiscing elit ",
+];
+
+fn fragment_json() -> impl Strategy<Value = String> {
+    let string = prop::collection::vec((0..FRAGMENTS.len(), 0usize..40), 0..12).prop_map(|parts| {
+        parts
+            .into_iter()
+            .map(|(f, pad)| format!("{}{}", "x ".repeat(pad), FRAGMENTS[f]))
+            .collect::<String>()
+    });
+    prop::collection::vec((string.clone(), string, any::<bool>()), 1..12).prop_map(|fields| {
+        let mut json = String::from("{");
+        for (i, (key, value, nested)) in fields.into_iter().enumerate() {
+            if i > 0 {
+                json.push(',');
+            }
+            if nested {
+                let _ = write!(json, "\"k{i}{key}\":[\"{value}\",{i}]");
+            } else {
+                let _ = write!(json, "\"k{i}\":\"{value}\"");
+            }
+        }
+        json.push('}');
+        json
+    })
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// `fuzzing::evaluate` asserts that searching a document whole and string by string agree.
+    #[test]
+    fn the_whole_document_search_agrees_with_string_by_string(
+        json in fragment_json(),
+        tool in any::<u8>(),
+    ) {
+        prop_assert!(serde_json::from_str::<serde_json::Value>(&json).is_ok(), "{}", json);
+        let mut data = vec![tool];
+        data.extend_from_slice(json.as_bytes());
+        perfecx_policy::fuzzing::evaluate(&data);
+    }
 
     #[test]
     fn every_evasion_of_a_pattern_is_still_caught(
