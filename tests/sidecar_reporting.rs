@@ -470,3 +470,74 @@ fn the_sidecar_refuses_to_start_without_its_token_and_names_the_variable() {
         assert!(stderr.contains("control_plane.token_env"), "{stderr}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_cannot_be_delivered_is_counted_not_retried_for_ever() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        &dir.path().join("cp.db"),
+    )
+    .await;
+    cp.register(AGENT).await;
+    let (mcp_url, mcp_ct) = mcp_server(true).await;
+    let upstreams = format!("  - name: tools\n    mcp_url: {mcp_url}\n");
+    let policies = [("safety.yaml", STRICT)];
+
+    // A token the control plane does not know: 401, a permanent refusal.
+    let spool = dir.path().join("spool-rejected");
+    let sidecar = start_sidecar(
+        &policies,
+        &upstreams,
+        &reporting(&cp.base, &spool),
+        "agt_wrong",
+    )
+    .await;
+    let agent = client(&sidecar.mcp_url("tools")).await;
+    assert_eq!(
+        text(&call(&agent, "add", json!({"a": 1, "b": 1})).await),
+        "2"
+    );
+    agent.cancel().await.unwrap();
+    eventually("the refused event is counted", || async {
+        metric(
+            &sidecar.metrics().await,
+            r#"perfecx_events_dropped_total{reason="rejected"}"#,
+        ) == Some(1.0)
+    })
+    .await;
+    let metrics = sidecar.metrics().await;
+    sidecar.stop().await;
+    assert_eq!(
+        counter(&metrics, "perfecx_events_spooled_total"),
+        0.0,
+        "not retried: {metrics}"
+    );
+    assert_eq!(counter(&metrics, "perfecx_events_sent_total"), 0.0);
+
+    // The control plane down and a spool too small for anything: dropped, and counted.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let down = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let spool = dir.path().join("spool-full");
+    let extra = format!("{}  spool_max_bytes: 10\n", reporting(&down, &spool));
+    let sidecar = start_sidecar(&policies, &upstreams, &extra, "agt_unused").await;
+    let agent = client(&sidecar.mcp_url("tools")).await;
+    assert_eq!(
+        text(&call(&agent, "add", json!({"a": 1, "b": 2})).await),
+        "3"
+    );
+    agent.cancel().await.unwrap();
+    eventually("the event that fits nowhere is counted", || async {
+        metric(
+            &sidecar.metrics().await,
+            r#"perfecx_events_dropped_total{reason="spool_full"}"#,
+        ) == Some(1.0)
+    })
+    .await;
+    sidecar.stop().await;
+
+    assert!(stored_events(&cp.db, AGENT).await.is_empty());
+    mcp_ct.cancel();
+    cp.stop().await;
+}
