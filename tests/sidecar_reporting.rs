@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::path::Path;
 
 use axum::routing::{get, post};
-use common::control_plane::{ControlPlane, StoredEvent, stored_events};
+use common::control_plane::{self, ControlPlane, StoredEvent, stored_events};
 use common::*;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -540,4 +540,139 @@ async fn what_cannot_be_delivered_is_counted_not_retried_for_ever() {
     assert!(stored_events(&cp.db, AGENT).await.is_empty());
     mcp_ct.cancel();
     cp.stop().await;
+}
+
+/// `perfecx up` as a user runs it, on free ports: stopped (by its pid) when dropped.
+struct Up {
+    child: std::process::Child,
+    stderr: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Up {
+    fn start(dir: &Path) -> Up {
+        use std::io::BufRead;
+        let perfecx = env!("CARGO_BIN_EXE_perfecx");
+        let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+        let config = dir.join("sidecar.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "agent_id: local-agent\nlisten: 127.0.0.1:0\nadmin_listen: 127.0.0.1:0\npolicy_dir: {}\nupstreams:\n  - name: demo\n    mcp_command: [{perfecx}, demo-tools]\n",
+                policies.display()
+            ),
+        )
+        .unwrap();
+        let mut child = std::process::Command::new(perfecx)
+            .args(["up", "--listen", "127.0.0.1:0", "--database"])
+            .arg(format!("sqlite://{}", dir.join("up.db").display()))
+            .arg("--sidecar-config")
+            .arg(&config)
+            .env("PERFECX_ADMIN_KEY", control_plane::ADMIN_KEY)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            for line in lines.map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Up { child, stderr }
+    }
+
+    /// The URL after `label` in the banner, once it is printed.
+    fn banner_url(&self, label: &str) -> Option<String> {
+        let lines = self.stderr.lock().unwrap();
+        let line = lines.iter().find(|l| l.trim_start().starts_with(label))?;
+        let url = line.split_whitespace().find(|w| w.starts_with("http://"))?;
+        Some(url.to_owned())
+    }
+
+    fn log(&self) -> String {
+        self.stderr.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn perfecx_up_reports_to_its_own_control_plane() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut up = Up::start(dir.path());
+    eventually("perfecx up prints where it listens", || async {
+        up.banner_url("events").is_some()
+    })
+    .await;
+    let (api, mcp) = (
+        up.banner_url("control plane").unwrap(),
+        up.banner_url("upstream").unwrap(),
+    );
+    let rpc = |body: Value| {
+        let mcp = mcp.clone();
+        async move {
+            let res = reqwest::Client::new()
+                .post(mcp)
+                .header("accept", "application/json, text/event-stream")
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            res.json::<Value>().await.unwrap()
+        }
+    };
+    rpc(json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}}})).await;
+    let allowed = rpc(json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "calculator", "arguments": {"expression": "6 * 7"}}})).await;
+    assert_eq!(allowed["result"]["content"][0]["text"], "42", "{allowed}");
+    let blocked = rpc(json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "system_command", "arguments": {"command": "ls"}}})).await;
+    assert_eq!(blocked["result"]["isError"], true, "{blocked}");
+
+    let metrics_url = format!("{}/agents/local-agent/metrics", api.trim_end_matches('/'));
+    let metrics = || async {
+        reqwest::Client::new()
+            .get(&metrics_url)
+            .bearer_auth(control_plane::ADMIN_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    eventually(
+        "the control plane of perfecx up counts the calls",
+        || async {
+            let m = metrics().await;
+            m["metrics"]["total_requests"] == 1
+                && m["metrics"]["security_events"]["unauthorized_tool_access"]
+                    .as_u64()
+                    .is_some_and(|n| n >= 1)
+        },
+    )
+    .await;
+
+    // Stopped as Ctrl-C would: the sidecar first, then the control plane, and cleanly.
+    let pid = nix::unistd::Pid::from_raw(up.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = up.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "perfecx up did not stop: {}",
+            up.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}: {}", up.log());
 }
