@@ -139,6 +139,7 @@ async fn run(control_plane: ControlPlaneArgs, mut sidecar: SidecarConfig) -> any
             token_env: None,
             spool_dir: Some(PathBuf::from(".perfecx/spool")),
             spool_max_bytes: None,
+            bundle_poll_interval_ms: None,
             // Snappy for a demo: events show in the API a fraction of a second after the call.
             flush_interval_ms: Some(200),
             token: Some(token),

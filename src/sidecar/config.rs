@@ -59,6 +59,8 @@ pub struct Upstream {
 pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 * 1024 * 1024;
 /// How often events are sent when fewer than a full batch are waiting, by default.
 pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1000;
+/// How often the control plane is asked for a new policy bundle, by default.
+pub const DEFAULT_BUNDLE_POLL_INTERVAL_MS: u64 = 10_000;
 
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,6 +80,9 @@ pub struct ControlPlane {
     /// Extension: how often a partial batch is sent (default 1000 ms).
     #[serde(default)]
     pub flush_interval_ms: Option<u64>,
+    /// Extension: how often the agent's policy bundle is fetched (default 10000 ms; 0: never).
+    #[serde(default)]
+    pub bundle_poll_interval_ms: Option<u64>,
     /// The token itself, for a sidecar started in-process (`perfecx up`); never read from the
     /// file. Wins over `token_env`.
     #[serde(skip)]
@@ -93,6 +98,7 @@ impl fmt::Debug for ControlPlane {
             .field("spool_dir", &self.spool_dir)
             .field("spool_max_bytes", &self.spool_max_bytes)
             .field("flush_interval_ms", &self.flush_interval_ms)
+            .field("bundle_poll_interval_ms", &self.bundle_poll_interval_ms)
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .finish()
     }
@@ -134,6 +140,17 @@ impl ControlPlane {
 
     pub fn spool_max_bytes(&self) -> u64 {
         self.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX_BYTES)
+    }
+
+    /// `None` when bundles are not pulled.
+    pub fn bundle_poll_interval(&self) -> Option<std::time::Duration> {
+        match self
+            .bundle_poll_interval_ms
+            .unwrap_or(DEFAULT_BUNDLE_POLL_INTERVAL_MS)
+        {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms.max(10))),
+        }
     }
 
     pub fn flush_interval(&self) -> std::time::Duration {

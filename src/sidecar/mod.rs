@@ -14,9 +14,11 @@
 //! loaded and hot-reloaded off the request path ([`policies`], [`reload`]). With a
 //! `control_plane`, every execution and violation becomes an event ([`events`]), reported off
 //! the request path ([`report`]) and spooled to disk while the control plane is unreachable
-//! ([`spool`]).
+//! ([`spool`]); the agent's policy bundle is pulled from it and applied with the files
+//! ([`bundle`]).
 
 pub mod admin;
+pub mod bundle;
 pub mod calls;
 pub mod cli;
 pub mod config;
@@ -115,6 +117,14 @@ pub async fn run(
         None => None,
     };
     let policies = Arc::new(Policies::new(config.policy_dir.clone(), metrics.clone()));
+    let bundles = match &config.control_plane {
+        Some(settings) => bundle::source(settings, &config.agent_id)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+        None => None,
+    };
+    if let Some(source) = &bundles {
+        bundle::restore(source, &policies).await;
+    }
     policies.refresh().await;
 
     let stop = CancellationToken::new();
@@ -152,6 +162,13 @@ pub async fn run(
         reporter: reporting.as_ref().map(|r| r.reporter.clone()),
     });
 
+    if let Some(source) = bundles {
+        tasks.push(tokio::spawn(bundle::poll(
+            source,
+            policies.clone(),
+            stop.clone(),
+        )));
+    }
     let poll = Duration::from_millis(config.policy_poll_interval_ms.unwrap_or(500).max(50));
     let watch_stop = stop.clone();
     tasks.push(tokio::spawn(reload::watch(policies, poll, async move {

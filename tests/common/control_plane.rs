@@ -40,7 +40,8 @@ impl ControlPlane {
         }
     }
 
-    async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    /// An admin request; the answer's JSON (`null` when empty), after checking it succeeded.
+    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
         let mut req = reqwest::Client::new()
             .request(method, format!("{}{path}", self.base))
             .bearer_auth(ADMIN_KEY)
@@ -50,7 +51,12 @@ impl ControlPlane {
         }
         let res = req.send().await.unwrap();
         let status = res.status();
-        let body: Value = res.json().await.unwrap();
+        let text = res.text().await.unwrap();
+        let body: Value = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap()
+        };
         assert!(status.is_success(), "{path}: {status} {body}");
         body
     }
