@@ -1,19 +1,26 @@
 //! Book-keeping for the tool calls of one request: which responses the sidecar waits for, and
-//! one tracing span, metric and log line per tool call. Calls still open when the request ends
-//! (the upstream hung up, a deadline) are counted as errors.
+//! one tracing span, metric, log line and reported event per tool call and per violation.
+//! Calls still open when the request ends (the upstream hung up, a deadline) are counted as
+//! errors.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
+
+use perfecx_policy::PolicySet;
 
 use super::denial::Refusal;
+use super::events::{self, Checked, Execution, Record};
 use super::metrics::Metrics;
+use super::report::Reporter;
 use super::rescue;
 
 pub struct Call {
     pub tool: String,
     /// The arguments were redacted on the way in.
     pub redacted: bool,
+    /// The arguments as forwarded, for the event ([`Tracker::capture`]).
+    input: Option<String>,
     started: Instant,
     span: tracing::Span,
 }
@@ -35,6 +42,8 @@ pub enum Pending {
 pub struct Tracker {
     upstream: Arc<str>,
     metrics: Arc<Metrics>,
+    /// Present when events are reported to a control plane.
+    reporter: Option<Reporter>,
     pending: HashMap<String, Pending>,
     /// A permissive `max_execution_time_ms`: calls that take longer are reported, not cut.
     alert_after: Option<(std::time::Duration, String)>,
@@ -45,15 +54,68 @@ pub struct Finish<'a> {
     /// allowed, blocked or redacted.
     pub decision: &'a str,
     pub error: bool,
+    /// What the agent got, for the event ([`Tracker::capture`]).
+    pub output: Option<String>,
 }
 
 impl Tracker {
-    pub fn new(upstream: Arc<str>, metrics: Arc<Metrics>) -> Tracker {
+    pub fn new(upstream: Arc<str>, metrics: Arc<Metrics>, reporter: Option<Reporter>) -> Tracker {
         Tracker {
             upstream,
             metrics,
+            reporter,
             pending: HashMap::new(),
             alert_after: None,
+        }
+    }
+
+    /// Whether events are reported: without it, there is nothing to capture.
+    pub fn reporting(&self) -> bool {
+        self.reporter.is_some()
+    }
+
+    /// `text` made fit for an event ([`events::capture`]); `None` when nothing is reported, so
+    /// that a sidecar without a control plane does no work for it.
+    pub fn capture(
+        &self,
+        set: Option<&PolicySet>,
+        text: &str,
+        json: bool,
+        checked: Checked,
+    ) -> Option<String> {
+        self.reporter
+            .as_ref()
+            .map(|_| events::capture(set, text, json, checked))
+    }
+
+    /// The output of an MCP `tools/call` result, made fit for an event.
+    pub fn capture_mcp_output(&self, set: Option<&PolicySet>, result: &str) -> Option<String> {
+        self.reporter.as_ref().map(|_| {
+            let (text, json) = events::mcp_output(result);
+            events::capture(set, &text, json, Checked::Yes)
+        })
+    }
+
+    /// Counts, logs and reports one violation.
+    pub fn violation(
+        &self,
+        tool: &str,
+        policy: &str,
+        rule: &'static str,
+        action: &'static str,
+        detail: &str,
+    ) {
+        self.metrics.violation(policy, rule);
+        if let Some(reporter) = &self.reporter {
+            reporter.record(Record::Violation(events::Violation {
+                at: SystemTime::now(),
+                upstream: self.upstream.clone(),
+                tool: tool.to_owned(),
+                policy: policy.to_owned(),
+                rule,
+                action,
+                detail: detail.to_owned(),
+            }));
         }
     }
 
@@ -82,13 +144,21 @@ impl Tracker {
         call_span(&self.upstream, tool)
     }
 
-    /// A call forwarded to the tool.
-    pub fn start_call(&mut self, id: String, tool: &str, redacted: bool, span: tracing::Span) {
+    /// A call forwarded to the tool, with its arguments as captured for the event.
+    pub fn start_call(
+        &mut self,
+        id: String,
+        tool: &str,
+        redacted: bool,
+        span: tracing::Span,
+        input: Option<String>,
+    ) {
         self.pending.insert(
             id,
             Pending::Call(Call {
                 tool: tool.to_owned(),
                 redacted,
+                input,
                 started: Instant::now(),
                 span,
             }),
@@ -139,14 +209,33 @@ impl Tracker {
         );
         call.span.record("error", finish.error);
         let _g = call.span.enter();
+        let duration_ms = elapsed.as_millis().min(u64::MAX as u128) as u64;
+        if let Some(reporter) = &self.reporter {
+            reporter.record(Record::Execution(Execution {
+                at: SystemTime::now(),
+                upstream: self.upstream.clone(),
+                tool: call.tool.clone(),
+                input: call.input.unwrap_or_default(),
+                output: finish.output.unwrap_or_default(),
+                duration_ms,
+                success: !finish.error,
+            }));
+        }
         if let Some((limit, policy)) = &self.alert_after {
             if elapsed > *limit {
-                self.metrics.violation(policy, "execution_limit");
+                let limit_ms = limit.as_millis() as u64;
+                self.violation(
+                    &call.tool,
+                    policy,
+                    "execution_limit",
+                    "alerted",
+                    &format!("the tool took {duration_ms} ms, over the limit of {limit_ms} ms"),
+                );
                 tracing::warn!(
                     policy = %policy,
                     rule = "execution_limit",
                     action = "alerted",
-                    limit_ms = limit.as_millis() as u64,
+                    limit_ms,
                     "the tool took longer than the permissive limit"
                 );
             }
@@ -162,12 +251,25 @@ impl Tracker {
             match p {
                 Pending::Call(call) => {
                     answers.push(rescue::tool_call_answer(&id, refusal));
+                    if let Refusal::Deadline(d) = refusal {
+                        // The call reached the tool and was cut off: an execution that failed,
+                        // and a violation of the limit.
+                        self.violation(
+                            &call.tool,
+                            &d.policy,
+                            "execution_limit",
+                            "blocked",
+                            &format!("the tool did not answer within {} ms", d.limit_ms),
+                        );
+                    }
                     let decision = if call.redacted { "redacted" } else { "allowed" };
+                    let output = self.reporter.as_ref().map(|_| refusal.to_string());
                     self.finish(
                         call,
                         Finish {
                             decision,
                             error: true,
+                            output,
                         },
                     );
                 }
@@ -175,9 +277,6 @@ impl Tracker {
                     answers.push(rescue::request_error(Some(&id), refusal));
                 }
             }
-        }
-        if let Refusal::Deadline(d) = refusal {
-            self.metrics.violation(&d.policy, "execution_limit");
         }
         answers
     }
@@ -188,11 +287,16 @@ impl Drop for Tracker {
         for (_, p) in std::mem::take(&mut self.pending) {
             if let Pending::Call(call) = p {
                 let decision = if call.redacted { "redacted" } else { "allowed" };
+                let output = self
+                    .reporter
+                    .as_ref()
+                    .map(|_| "the request ended before the tool answered".to_owned());
                 self.finish(
                     call,
                     Finish {
                         decision,
                         error: true,
+                        output,
                     },
                 );
             }

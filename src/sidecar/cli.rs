@@ -26,7 +26,10 @@ pub enum LogFormat {
 /// Sets up logging (`RUST_LOG`, default `info`) and runs the sidecar until Ctrl-C or SIGTERM.
 pub fn main(args: SidecarArgs) -> ExitCode {
     init_logging(args.log_format);
-    let config = match Config::load(&args.config) {
+    let config = match Config::load(&args.config).and_then(|c| {
+        c.check_environment(&args.config.display().to_string())?;
+        Ok(c)
+    }) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("error: {e}");

@@ -29,8 +29,7 @@ pub struct Config {
     pub policy_dir: PathBuf,
     #[serde(default)]
     pub upstreams: Vec<Upstream>,
-    /// Accepted and validated; event reporting to the control plane is not part of this
-    /// sidecar yet.
+    /// Where events are reported ([`super::report`]); without it the sidecar runs alone.
     #[serde(default)]
     pub control_plane: Option<ControlPlane>,
     /// Cap on the bytes buffered for one request, response or stream event (default 8 MiB);
@@ -56,14 +55,111 @@ pub struct Upstream {
     pub http_url: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// Spooled events kept on disk at most, by default.
+pub const DEFAULT_SPOOL_MAX_BYTES: u64 = 256 * 1024 * 1024;
+/// How often events are sent when fewer than a full batch are waiting, by default.
+pub const DEFAULT_FLUSH_INTERVAL_MS: u64 = 1000;
+/// How often the control plane is asked for a new policy bundle, by default.
+pub const DEFAULT_BUNDLE_POLL_INTERVAL_MS: u64 = 10_000;
+
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlPlane {
+    /// The control plane's base URL; events go to `{url}/v1/agents/{agent_id}/events`.
     pub url: String,
+    /// The environment variable that holds the agent's `agt_` registration token.
     #[serde(default)]
     pub token_env: Option<String>,
+    /// Events wait here while the control plane is unreachable. Relative paths are taken from
+    /// the directory of the configuration file; default `.perfecx/spool`.
     #[serde(default)]
     pub spool_dir: Option<PathBuf>,
+    /// Extension: the spool's size limit in bytes (default 256 MiB).
+    #[serde(default)]
+    pub spool_max_bytes: Option<u64>,
+    /// Extension: how often a partial batch is sent (default 1000 ms).
+    #[serde(default)]
+    pub flush_interval_ms: Option<u64>,
+    /// Extension: how often the agent's policy bundle is fetched (default 10000 ms; 0: never).
+    #[serde(default)]
+    pub bundle_poll_interval_ms: Option<u64>,
+    /// The token itself, for a sidecar started in-process (`perfecx up`); never read from the
+    /// file. Wins over `token_env`.
+    #[serde(skip)]
+    pub token: Option<String>,
+}
+
+impl fmt::Debug for ControlPlane {
+    // By hand, so that the token never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("url", &self.url)
+            .field("token_env", &self.token_env)
+            .field("spool_dir", &self.spool_dir)
+            .field("spool_max_bytes", &self.spool_max_bytes)
+            .field("flush_interval_ms", &self.flush_interval_ms)
+            .field("bundle_poll_interval_ms", &self.bundle_poll_interval_ms)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl ControlPlane {
+    /// The control plane's base URL, validated.
+    pub fn base_uri(&self) -> Result<http::Uri, String> {
+        http_uri("control_plane.url", &self.url)
+    }
+
+    /// The registration token: set in-process, or read from the variable `token_env` names.
+    pub fn token(&self) -> Result<String, String> {
+        if let Some(token) = &self.token {
+            return Ok(token.clone());
+        }
+        let Some(var) = &self.token_env else {
+            return Err("`control_plane.token_env` must name the environment variable that holds the agent's registration token".into());
+        };
+        match std::env::var(var) {
+            Ok(token) if !token.trim().is_empty() => Ok(token.trim().to_owned()),
+            Ok(_) => Err(format!(
+                "the environment variable `{var}` (control_plane.token_env) is empty; set it to the agent's registration token"
+            )),
+            Err(std::env::VarError::NotPresent) => Err(format!(
+                "the environment variable `{var}` (control_plane.token_env) is not set; set it to the agent's registration token"
+            )),
+            Err(std::env::VarError::NotUnicode(_)) => Err(format!(
+                "the environment variable `{var}` (control_plane.token_env) is not valid UTF-8"
+            )),
+        }
+    }
+
+    pub fn spool_dir(&self) -> PathBuf {
+        self.spool_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(".perfecx/spool"))
+    }
+
+    pub fn spool_max_bytes(&self) -> u64 {
+        self.spool_max_bytes.unwrap_or(DEFAULT_SPOOL_MAX_BYTES)
+    }
+
+    /// `None` when bundles are not pulled.
+    pub fn bundle_poll_interval(&self) -> Option<std::time::Duration> {
+        match self
+            .bundle_poll_interval_ms
+            .unwrap_or(DEFAULT_BUNDLE_POLL_INTERVAL_MS)
+        {
+            0 => None,
+            ms => Some(std::time::Duration::from_millis(ms.max(10))),
+        }
+    }
+
+    pub fn flush_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(
+            self.flush_interval_ms
+                .unwrap_or(DEFAULT_FLUSH_INTERVAL_MS)
+                .max(10),
+        )
+    }
 }
 
 /// What an upstream is, once validated.
@@ -111,11 +207,29 @@ impl Config {
             message: format!("cannot read: {e}"),
         })?;
         let mut config = Config::parse(&source, &text)?;
+        let base = path.parent().unwrap_or(Path::new(""));
         if config.policy_dir.is_relative() {
-            let base = path.parent().unwrap_or(Path::new(""));
             config.policy_dir = base.join(&config.policy_dir);
         }
+        if let Some(cp) = &mut config.control_plane {
+            let spool = cp.spool_dir();
+            if spool.is_relative() {
+                cp.spool_dir = Some(base.join(spool));
+            }
+        }
         Ok(config)
+    }
+
+    /// Checks what the file cannot say: that `control_plane.token_env` names a variable that is
+    /// set. Run at startup, before serving.
+    pub fn check_environment(&self, source: &str) -> Result<(), ConfigError> {
+        match &self.control_plane {
+            Some(cp) => cp.token().map(drop).map_err(|message| ConfigError {
+                source: source.to_owned(),
+                message,
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Parses and validates configuration text; `source` names it in errors.
@@ -137,6 +251,21 @@ impl Config {
         }
         if self.max_body_bytes == Some(0) {
             return Err("`max_body_bytes` must be greater than 0".into());
+        }
+        if let Some(cp) = &self.control_plane {
+            // The agent id goes into the events URL.
+            perfecx_api::validate_agent_id(&self.agent_id)
+                .map_err(|e| format!("`agent_id` `{}` {e}", self.agent_id))?;
+            cp.base_uri()?;
+            if cp.token_env.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return Err("`control_plane.token_env` must not be empty".into());
+            }
+            if cp.token_env.is_none() && cp.token.is_none() {
+                return Err("`control_plane.token_env` is required: the environment variable that holds the agent's registration token".into());
+            }
+            if cp.spool_max_bytes == Some(0) {
+                return Err("`control_plane.spool_max_bytes` must be greater than 0".into());
+            }
         }
         let mut names = HashSet::new();
         for (i, u) in self.upstreams.iter().enumerate() {
@@ -246,5 +375,42 @@ control_plane:
         )
         .unwrap_err();
         assert!(e.to_string().contains("http://"), "{e}");
+    }
+
+    #[test]
+    fn control_plane_settings_are_checked() {
+        let base = "agent_id: a\ncontrol_plane:\n";
+        let e = Config::parse(
+            "s.yaml",
+            &format!("{base}  url: not a url\n  token_env: T\n"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("control_plane.url"), "{e}");
+        let e = Config::parse("s.yaml", &format!("{base}  url: http://cp:8080\n")).unwrap_err();
+        assert!(e.to_string().contains("token_env"), "{e}");
+        let e = Config::parse(
+            "s.yaml",
+            "agent_id: a/b\ncontrol_plane:\n  url: http://cp\n  token_env: T\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("agent_id"), "{e}");
+
+        let var = "PERFECX_TEST_TOKEN_THAT_IS_NEVER_SET";
+        let c = Config::parse(
+            "s.yaml",
+            &format!("{base}  url: http://cp:8080\n  token_env: {var}\n"),
+        )
+        .unwrap();
+        let e = c.check_environment("s.yaml").unwrap_err();
+        assert!(e.to_string().contains(var), "{e}");
+        assert!(e.to_string().contains("not set"), "{e}");
+
+        let mut cp = c.control_plane.clone().unwrap();
+        cp.token = Some("agt_x".into());
+        assert_eq!(cp.token().unwrap(), "agt_x");
+        assert!(
+            !format!("{cp:?}").contains("agt_x"),
+            "the token is not logged"
+        );
     }
 }

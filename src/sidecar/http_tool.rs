@@ -12,6 +12,7 @@ use perfecx_policy::{Content, Enforcement};
 use super::Shared;
 use super::calls::{Finish, Tracker};
 use super::denial::{DeadlineExceeded, FailClosed, Refusal, Unjudgeable, UpstreamFailed};
+use super::events::Checked;
 use super::mcp::CLIENT_BODY_TIMEOUT;
 use super::output_filter::{OutputVerdict, check_output};
 use super::policies::Active;
@@ -27,7 +28,7 @@ pub async fn handle(
     req: Request<Body>,
 ) -> Response<Body> {
     let tool: &str = &up.name;
-    let tracker = Tracker::new(up.name.clone(), shared.metrics.clone());
+    let tracker = shared.tracker(up.name.clone());
     let span = tracker.span(tool);
     let active = match shared.policies.current() {
         Ok(a) => a,
@@ -60,7 +61,7 @@ pub async fn handle(
     // Judge the body, then the path and query: all of them carry arguments.
     let query = parts.uri.query();
     let judged =
-        span.in_scope(|| judge(&shared, &active, tool, &parts.headers, bytes, &rest, query));
+        span.in_scope(|| judge(&tracker, &active, tool, &parts.headers, bytes, &rest, query));
     let body = match judged {
         Ok(judged) => judged,
         Err(refusal) => {
@@ -82,7 +83,13 @@ pub async fn handle(
     };
     let mut tracker = tracker;
     tracker.alert_after(&active);
-    tracker.start_call(String::new(), tool, redacted, span);
+    let input = if tracker.reporting() {
+        let text = input_text(&parts.method, &rest, query, &body.0);
+        tracker.capture(Some(&active.set), &text, false, Checked::Yes)
+    } else {
+        None
+    };
+    tracker.start_call(String::new(), tool, redacted, span, input);
     let deadline = deadline(&active);
     let call = async {
         let res = send_http(
@@ -139,49 +146,59 @@ pub async fn handle(
             upstream: tool.to_owned(),
             reason: "its response is not UTF-8 text, so it cannot be inspected".into(),
         });
+        let output = tracker.capture(None, &refusal.to_string(), false, Checked::Yes);
         tracker.finish(
             call,
             Finish {
                 decision: decided,
                 error: true,
+                output,
             },
         );
         return rescue::http_error(&refusal);
     };
-    let content = if media_type_is(&parts.headers, "application/json") {
+    let json = media_type_is(&parts.headers, "application/json");
+    let content = if json {
         Content::Json(text)
     } else {
         Content::Text(text)
     };
-    let verdict = call.in_span(|| check_output(&active, &shared.metrics, tool, tool, content));
+    let verdict = call.in_span(|| check_output(&active, &tracker, tool, content));
+    let set = Some(&active.set);
     match verdict {
         OutputVerdict::Pass => {
+            let output = tracker.capture(set, text, json, Checked::Yes);
             tracker.finish(
                 call,
                 Finish {
                     decision: decided,
                     error,
+                    output,
                 },
             );
             Response::from_parts(parts, Body::from(bytes))
         }
         OutputVerdict::Redacted(new) => {
+            let output = tracker.capture(set, &new, json, Checked::Yes);
             tracker.finish(
                 call,
                 Finish {
                     decision: "redacted",
                     error,
+                    output,
                 },
             );
             parts.headers.remove(http::header::CONTENT_LENGTH);
             Response::from_parts(parts, Body::from(new))
         }
         OutputVerdict::Refuse(refusal) => {
+            let output = tracker.capture(None, &refusal.to_string(), false, Checked::Yes);
             tracker.finish(
                 call,
                 Finish {
                     decision: "blocked",
                     error: true,
+                    output,
                 },
             );
             rescue::http_error(&refusal)
@@ -189,9 +206,25 @@ pub async fn handle(
     }
 }
 
+/// A plain HTTP call's arguments as one text for its event: the request line, then the body.
+fn input_text(method: &http::Method, rest: &str, query: Option<&str>, body: &[u8]) -> String {
+    let path = if rest.is_empty() { "/" } else { rest };
+    let mut text = match query {
+        Some(q) => format!("{method} {path}?{q}"),
+        None => format!("{method} {path}"),
+    };
+    // The body was checked to be UTF-8 when it was judged.
+    let body = String::from_utf8_lossy(body);
+    if !body.is_empty() {
+        text.push('\n');
+        text.push_str(&body);
+    }
+    text
+}
+
 /// The body to forward (redacted if need be), and whether it was redacted.
 fn judge(
-    shared: &Shared,
+    tracker: &Tracker,
     active: &Active,
     tool: &str,
     headers: &HeaderMap,
@@ -207,7 +240,7 @@ fn judge(
         (true, false) => Content::Json(text),
         _ => Content::Text(text),
     };
-    let body = match check_call(active, &shared.metrics, tool, content) {
+    let body = match check_call(active, tracker, tool, content) {
         CallVerdict::Forward => (body, false),
         CallVerdict::ForwardRedacted(new) => (Bytes::from(new), true),
         CallVerdict::Refuse(r) => return Err(r),
@@ -217,7 +250,7 @@ fn judge(
         None => path.to_owned(),
     };
     if !url.is_empty() {
-        match check_call(active, &shared.metrics, tool, Content::Text(&url)) {
+        match check_call(active, tracker, tool, Content::Text(&url)) {
             CallVerdict::Forward => {}
             // A URL cannot be redacted without changing what it names.
             CallVerdict::ForwardRedacted(_) => {

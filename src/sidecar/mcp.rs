@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use super::Shared;
 use super::calls::{Finish, Pending, Tracker};
 use super::denial::{DeadlineExceeded, FailClosed, Refusal, Unjudgeable, UpstreamFailed};
+use super::events::Checked;
 use super::jsonrpc::{self, Reply, Request as Rpc};
 use super::output_filter::{OutputVerdict, check_output};
 use super::policies::Active;
@@ -116,7 +117,8 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
     };
 
     // Judge: each message is forwarded as it is, forwarded rewritten, or answered here.
-    let mut tracker = Tracker::new(up.name.clone(), shared.metrics.clone());
+    let mut tracker = shared.tracker(up.name.clone());
+    let set = active.as_deref().ok().map(|a| &a.set);
     let mut forward: Vec<String> = Vec::with_capacity(parsed.messages.len());
     let mut local: Vec<String> = Vec::new();
     let mut modified = false;
@@ -130,7 +132,7 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
                 let id = jsonrpc::id_key(id);
                 let span = tracker.span(&tool);
                 let verdict = span.in_scope(|| match &active {
-                    Ok(a) => check_call(a, &shared.metrics, &tool, Content::Json(arguments)),
+                    Ok(a) => check_call(a, &tracker, &tool, Content::Json(arguments)),
                     Err(no) => CallVerdict::Refuse(
                         FailClosed {
                             reason: no.reason.clone(),
@@ -141,7 +143,10 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
                 let verdict = match verdict {
                     CallVerdict::ForwardRedacted(args) => {
                         match jsonrpc::with_arguments(msg.get(), &args) {
-                            Some(m) => Ok(Some(m)),
+                            Some(m) => {
+                                let input = tracker.capture(set, &args, true, Checked::Yes);
+                                Ok(Some((m, input)))
+                            }
                             None => Err(Refusal::from(Unjudgeable {
                                 reason: "the redacted arguments could not be written back".into(),
                             })),
@@ -153,12 +158,13 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
                 match verdict {
                     Ok(None) => {
                         forward.push(msg.get().to_owned());
-                        tracker.start_call(id, &tool, false, span);
+                        let input = tracker.capture(set, arguments, true, Checked::Yes);
+                        tracker.start_call(id, &tool, false, span, input);
                     }
-                    Ok(Some(rewritten)) => {
+                    Ok(Some((rewritten, input))) => {
                         forward.push(rewritten);
                         modified = true;
-                        tracker.start_call(id, &tool, true, span);
+                        tracker.start_call(id, &tool, true, span, input);
                     }
                     Err(refusal) => {
                         tracker.refused(&tool, &refusal, span);
@@ -412,11 +418,13 @@ fn inspect_reply(
         Reply::Result { id, result } => match tracker.take(&jsonrpc::id_key(id)) {
             Some(Pending::Call(call)) => {
                 let Some(active) = active else {
+                    let output = tracker.capture_mcp_output(None, result.get());
                     tracker.finish(
                         call,
                         Finish {
                             decision: "allowed",
                             error: false,
+                            output,
                         },
                     );
                     return Inspected::Keep;
@@ -427,20 +435,32 @@ fn inspect_reply(
                 let upstream = tracker.upstream().to_owned();
                 let decided = if call.redacted { "redacted" } else { "allowed" };
                 let verdict = call.in_span(|| {
-                    check_output(
-                        active,
-                        tracker.metrics(),
-                        &upstream,
-                        &call.tool,
-                        Content::Json(result.get()),
-                    )
+                    check_output(active, tracker, &call.tool, Content::Json(result.get()))
                 });
-                let (decision, error) = match &verdict {
-                    OutputVerdict::Pass => (decided, is_error),
-                    OutputVerdict::Redacted(_) => ("redacted", is_error),
-                    OutputVerdict::Refuse(_) => ("blocked", true),
+                let set = Some(&active.set);
+                let (decision, error, output) = match &verdict {
+                    OutputVerdict::Pass => (
+                        decided,
+                        is_error,
+                        tracker.capture_mcp_output(set, result.get()),
+                    ),
+                    OutputVerdict::Redacted(text) => {
+                        ("redacted", is_error, tracker.capture_mcp_output(set, text))
+                    }
+                    OutputVerdict::Refuse(r) => (
+                        "blocked",
+                        true,
+                        tracker.capture(None, &r.to_string(), false, Checked::Yes),
+                    ),
                 };
-                tracker.finish(call, Finish { decision, error });
+                tracker.finish(
+                    call,
+                    Finish {
+                        decision,
+                        error,
+                        output,
+                    },
+                );
                 apply(msg, &upstream, verdict)
             }
             Some(Pending::List) => replaced(
@@ -457,11 +477,15 @@ fn inspect_reply(
         Reply::Error { id } => {
             if let Some(Pending::Call(call)) = tracker.take(&jsonrpc::id_key(id)) {
                 let decision = if call.redacted { "redacted" } else { "allowed" };
+                // Errors are not inspected on their way to the agent, so their text gets the
+                // full scan before it is reported.
+                let output = tracker.capture(active.map(|a| &a.set), msg, true, Checked::No);
                 tracker.finish(
                     call,
                     Finish {
                         decision,
                         error: true,
+                        output,
                     },
                 );
             }
@@ -515,7 +539,7 @@ fn unmatched(tracker: &Tracker, active: &Active, msg: &str, result: &RawValue) -
     }
     if raw.contains("\"content\"") {
         let upstream = tracker.upstream().to_owned();
-        let verdict = check_output(active, tracker.metrics(), &upstream, "", Content::Json(raw));
+        let verdict = check_output(active, tracker, "", Content::Json(raw));
         return apply(msg, &upstream, verdict);
     }
     Inspected::Keep
@@ -537,7 +561,7 @@ async fn other(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<B
         Err(e) => return rescue::http_error(&e.into()),
     };
     if is_get && res.status().is_success() && media_type_is(res.headers(), "text/event-stream") {
-        let tracker = Tracker::new(up.name.clone(), shared.metrics.clone());
+        let tracker = shared.tracker(up.name.clone());
         return event_stream(res, tracker, active, None, Vec::new(), cap);
     }
     res

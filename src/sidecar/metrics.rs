@@ -1,8 +1,8 @@
 //! Prometheus metrics. The names are a contract with the dashboards (DESIGN.md, "The sidecar").
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Tool names come from the agent: cap their length so a hostile agent cannot grow label values
@@ -25,6 +25,17 @@ pub struct Metrics {
     pub reloads: IntCounterVec,
     /// 1 when the newest policy files are the loaded ones, 0 while they could not be loaded.
     pub synchronized: IntGauge,
+    /// Events the control plane accepted (stored, or recognised as a resend).
+    pub events_sent: IntCounter,
+    /// Events written to the spool (the control plane unreachable, or the queue behind).
+    pub events_spooled: IntCounter,
+    /// `{reason}`: events lost: queue_full, spool_full, spool_failed, rejected (a 4xx from the
+    /// control plane), unreadable (a damaged spool record).
+    pub events_dropped: IntCounterVec,
+    /// Events in memory that are neither sent nor spooled yet.
+    pub event_queue_depth: IntGauge,
+    /// Bytes in the spool.
+    pub event_spool_bytes: IntGauge,
 }
 
 impl Metrics {
@@ -96,6 +107,32 @@ impl Metrics {
             "1 when the newest policy files are loaded, 0 while they could not be",
         )
         .expect("valid metric");
+        let events_sent = IntCounter::new(
+            "perfecx_events_sent_total",
+            "Events the control plane accepted (stored, or recognised as a resend)",
+        )
+        .expect("valid metric");
+        let events_spooled = IntCounter::new(
+            "perfecx_events_spooled_total",
+            "Events written to the spool while the control plane was unreachable or behind",
+        )
+        .expect("valid metric");
+        let events_dropped = IntCounterVec::new(
+            Opts::new(
+                "perfecx_events_dropped_total",
+                "Events lost, by reason (queue_full, spool_full, spool_failed, rejected, unreadable)",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let event_queue_depth = IntGauge::new(
+            "perfecx_event_queue_depth",
+            "Events in memory, neither sent nor spooled yet",
+        )
+        .expect("valid metric");
+        let event_spool_bytes =
+            IntGauge::new("perfecx_event_spool_bytes", "Bytes of events in the spool")
+                .expect("valid metric");
         for c in [
             Box::new(tool_calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(tool_call_errors.clone()),
@@ -104,6 +141,11 @@ impl Metrics {
             Box::new(evaluation_duration.clone()),
             Box::new(reloads.clone()),
             Box::new(synchronized.clone()),
+            Box::new(events_sent.clone()),
+            Box::new(events_spooled.clone()),
+            Box::new(events_dropped.clone()),
+            Box::new(event_queue_depth.clone()),
+            Box::new(event_spool_bytes.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -116,7 +158,18 @@ impl Metrics {
             evaluation_duration,
             reloads,
             synchronized,
+            events_sent,
+            events_spooled,
+            events_dropped,
+            event_queue_depth,
+            event_spool_bytes,
         }
+    }
+
+    pub fn events_dropped(&self, reason: &str, count: usize) {
+        self.events_dropped
+            .with_label_values(&[reason])
+            .inc_by(count as u64);
     }
 
     pub fn call(&self, upstream: &str, tool: &str, decision: &str) {
@@ -183,6 +236,10 @@ mod tests {
             "perfecx_policy_reloads_total{result=\"success\"} 1",
             "perfecx_policy_synchronized 0",
             "perfecx_tool_call_errors_total",
+            "perfecx_events_sent_total 0",
+            "perfecx_events_spooled_total 0",
+            "perfecx_event_queue_depth 0",
+            "perfecx_event_spool_bytes 0",
         ] {
             assert!(text.contains(name), "{name} missing from\n{text}");
         }

@@ -11,13 +11,19 @@
 //! ([`upstream::read_limited`]), the policy check of the call ([`policy_check`]), forwarding
 //! under the deadline ([`mcp`], [`http_tool`]), the output filter ([`output_filter`]); refusals
 //! are typed ([`denial`]) and turned into answers in one place ([`rescue`]). Policies are
-//! loaded and hot-reloaded off the request path ([`policies`], [`reload`]).
+//! loaded and hot-reloaded off the request path ([`policies`], [`reload`]). With a
+//! `control_plane`, every execution and violation becomes an event ([`events`]), reported off
+//! the request path ([`report`]) and spooled to disk while the control plane is unreachable
+//! ([`spool`]); the agent's policy bundle is pulled from it and applied with the files
+//! ([`bundle`]).
 
 pub mod admin;
+pub mod bundle;
 pub mod calls;
 pub mod cli;
 pub mod config;
 pub mod denial;
+pub mod events;
 pub mod http_tool;
 pub mod jsonrpc;
 pub mod mcp;
@@ -26,8 +32,10 @@ pub mod output_filter;
 pub mod policies;
 pub mod policy_check;
 pub mod reload;
+pub mod report;
 pub mod rescue;
 mod serve;
+pub mod spool;
 pub mod sse;
 pub mod stdio;
 mod time;
@@ -47,10 +55,12 @@ use http::StatusCode;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use calls::Tracker;
 pub use config::Config;
 use config::UpstreamKind;
 use metrics::Metrics;
 use policies::{Active, Policies};
+use report::Reporter;
 use upstream::{HttpClient, Transport, Upstream};
 
 /// How long open connections (event streams) may take to finish after shutdown begins.
@@ -63,9 +73,16 @@ pub struct Shared {
     pub client: HttpClient,
     pub max_body_bytes: u64,
     pub upstreams: HashMap<String, Arc<Upstream>>,
+    /// Present when events are reported to a control plane.
+    pub reporter: Option<Reporter>,
 }
 
 impl Shared {
+    /// The book-keeping of one request's tool calls on `upstream`.
+    pub fn tracker(&self, upstream: Arc<str>) -> Tracker {
+        Tracker::new(upstream, self.metrics.clone(), self.reporter.clone())
+    }
+
     /// The bytes buffered for one message: the configured cap, lowered by `max_memory_mb`.
     pub fn body_cap(&self, active: Option<&Active>) -> u64 {
         let memory = active
@@ -90,7 +107,24 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let metrics = Arc::new(Metrics::new());
+    // Before anything is spawned: a control plane that cannot be reported to is a startup error.
+    let reporting = match &config.control_plane {
+        Some(settings) => Some(
+            report::start(settings, &config.agent_id, metrics.clone())
+                .await
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+        ),
+        None => None,
+    };
     let policies = Arc::new(Policies::new(config.policy_dir.clone(), metrics.clone()));
+    let bundles = match &config.control_plane {
+        Some(settings) => bundle::source(settings, &config.agent_id)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+        None => None,
+    };
+    if let Some(source) = &bundles {
+        bundle::restore(source, &policies).await;
+    }
     policies.refresh().await;
 
     let stop = CancellationToken::new();
@@ -125,8 +159,16 @@ pub async fn run(
         client: upstream::http_client(),
         max_body_bytes: config.max_body_bytes(),
         upstreams,
+        reporter: reporting.as_ref().map(|r| r.reporter.clone()),
     });
 
+    if let Some(source) = bundles {
+        tasks.push(tokio::spawn(bundle::poll(
+            source,
+            policies.clone(),
+            stop.clone(),
+        )));
+    }
     let poll = Duration::from_millis(config.policy_poll_interval_ms.unwrap_or(500).max(50));
     let watch_stop = stop.clone();
     tasks.push(tokio::spawn(reload::watch(policies, poll, async move {
@@ -156,6 +198,10 @@ pub async fn run(
     let _ = tokio::join!(tools, admin);
     for t in tasks {
         let _ = t.await;
+    }
+    // Last, once no request can record anything more.
+    if let Some(reporting) = reporting {
+        reporting.shutdown().await;
     }
     Ok(())
 }

@@ -3,8 +3,8 @@
 
 use perfecx_policy::{Content, Outcome};
 
+use super::calls::Tracker;
 use super::denial::{Refusal, UpstreamFailed};
-use super::metrics::Metrics;
 use super::policies::Active;
 use super::policy_check::{denied, record};
 
@@ -17,12 +17,14 @@ pub enum OutputVerdict {
 
 pub fn check_output(
     active: &Active,
-    metrics: &Metrics,
-    upstream: &str,
+    tracker: &Tracker,
     tool: &str,
     output: Content<'_>,
 ) -> OutputVerdict {
-    let decision = metrics.time_evaluation(|| active.set.evaluate_output(tool, output));
+    let upstream = tracker.upstream();
+    let decision = tracker
+        .metrics()
+        .time_evaluation(|| active.set.evaluate_output(tool, output));
     let decision = match decision {
         Ok(d) => d,
         // Output that cannot be inspected is not shown (fail closed).
@@ -36,7 +38,7 @@ pub fn check_output(
             );
         }
     };
-    record(metrics, tool, &decision, "output");
+    record(tracker, tool, &decision, "output");
     match decision.outcome {
         Outcome::Allow => OutputVerdict::Pass,
         Outcome::Block => OutputVerdict::Refuse(denied(&decision, true)),

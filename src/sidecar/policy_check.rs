@@ -5,8 +5,8 @@ use perfecx_policy::{Content, Decision, Outcome};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
+use super::calls::Tracker;
 use super::denial::{PolicyDenied, Refusal, Unjudgeable};
-use super::metrics::Metrics;
 use super::policies::Active;
 
 pub enum CallVerdict {
@@ -19,11 +19,13 @@ pub enum CallVerdict {
 
 pub fn check_call(
     active: &Active,
-    metrics: &Metrics,
+    tracker: &Tracker,
     tool: &str,
     args: Content<'_>,
 ) -> CallVerdict {
-    let decision = metrics.time_evaluation(|| active.set.evaluate_call(tool, args));
+    let decision = tracker
+        .metrics()
+        .time_evaluation(|| active.set.evaluate_call(tool, args));
     let decision = match decision {
         Ok(d) => d,
         Err(e) => {
@@ -35,7 +37,7 @@ pub fn check_call(
             );
         }
     };
-    record(metrics, tool, &decision, "call");
+    record(tracker, tool, &decision, "call");
     match decision.outcome {
         Outcome::Allow => CallVerdict::Forward,
         Outcome::Block => CallVerdict::Refuse(denied(&decision, false)),
@@ -52,10 +54,18 @@ pub fn check_call(
     }
 }
 
-/// Counts and logs every violation of a decision.
-pub fn record(metrics: &Metrics, tool: &str, decision: &Decision<'_>, stage: &str) {
+/// Counts, logs and reports every violation of a decision.
+pub fn record(tracker: &Tracker, tool: &str, decision: &Decision<'_>, stage: &str) {
     for v in &decision.violations {
-        metrics.violation(v.policy, v.rule.as_str());
+        // `v.matched` stays out of the event: for sensitive data it is a masked value, and even
+        // masked, part of a secret.
+        tracker.violation(
+            tool,
+            v.policy,
+            v.rule.as_str(),
+            v.action.as_str(),
+            &v.detail,
+        );
         tracing::warn!(
             tool,
             stage,

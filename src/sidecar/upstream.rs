@@ -128,7 +128,7 @@ pub async fn send_http(
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
-fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
+pub fn describe_client_error(e: &hyper_util::client::legacy::Error) -> String {
     if e.is_connect() {
         let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
         let mut detail = String::new();

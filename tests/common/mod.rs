@@ -1,6 +1,7 @@
 //! Harness for the end-to-end tests: real sockets on 127.0.0.1, port 0.
 #![allow(dead_code)]
 
+pub mod control_plane;
 pub mod tools;
 
 use std::future::Future;
@@ -39,6 +40,17 @@ impl Sidecar {
     }
 
     pub async fn start_with(policies: &[(&str, &str)], upstreams: &str, extra: &str) -> Sidecar {
+        Self::start_configured(policies, upstreams, extra, |_| {}).await
+    }
+
+    /// [`Sidecar::start_with`], with the parsed configuration adjusted by `configure` (for what
+    /// a file cannot hold, such as an in-process registration token).
+    pub async fn start_configured(
+        policies: &[(&str, &str)],
+        upstreams: &str,
+        extra: &str,
+        configure: impl FnOnce(&mut Config),
+    ) -> Sidecar {
         let dir = tempfile::tempdir().unwrap();
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir(&policy_dir).unwrap();
@@ -49,7 +61,8 @@ impl Sidecar {
             "agent_id: test-agent\npolicy_dir: {}\npolicy_poll_interval_ms: 200\n{extra}\nupstreams:\n{upstreams}",
             policy_dir.display()
         );
-        let config = Config::parse("test.yaml", &yaml).unwrap();
+        let mut config = Config::parse("test.yaml", &yaml).unwrap();
+        configure(&mut config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, admin_addr) = (listener.local_addr().unwrap(), admin.local_addr().unwrap());

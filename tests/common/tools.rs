@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use rmcp::handler::server::{router::tool::ToolRouter, wrapper::Parameters};
-use rmcp::model::{ServerCapabilities, ServerConfig};
+use rmcp::model::{CallToolResult, ContentBlock, ServerCapabilities, ServerConfig};
 use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
 
 #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
@@ -74,6 +74,11 @@ impl TestTools {
     #[tool(description = "Return a secret and an e-mail address")]
     fn leak(&self) -> String {
         "key AKIAIOSFODNN7EXAMPLE, mail jane.doe@example.com".into()
+    }
+
+    #[tool(description = "Fail: a result with isError set")]
+    fn fail(&self) -> CallToolResult {
+        CallToolResult::error(vec![ContentBlock::text("it failed")])
     }
 
     #[tool(description = "Exit the process (for restart tests)")]

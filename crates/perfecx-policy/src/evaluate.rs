@@ -105,6 +105,17 @@ enum Direction {
     Output,
 }
 
+/// Which findings a redaction replaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Redaction {
+    /// Those of strict `sensitive_data_action: redact` rules.
+    Call,
+    /// Those of strict rules.
+    Output,
+    /// Those of every rule.
+    Report,
+}
+
 #[derive(Default)]
 struct Scratch {
     scanner: Scanner,
@@ -166,13 +177,33 @@ impl PolicySet {
     /// `args` with the sensitive data that strict `sensitive_data_action: redact` rules catch
     /// replaced by `[REDACTED:kind]`; `None` when there is nothing to replace.
     pub fn redact_call(&self, args: Content<'_>) -> Result<Option<String>, JsonError> {
-        self.redact(args, Direction::Call)
+        self.redact(args, Redaction::Call)
     }
 
     /// `output` with the sensitive data that strict content filters catch replaced by
     /// `[REDACTED:kind]`; `None` when there is nothing to replace.
     pub fn redact_output(&self, output: Content<'_>) -> Result<Option<String>, JsonError> {
-        self.redact(output, Direction::Output)
+        self.redact(output, Redaction::Output)
+    }
+
+    /// `content` with every value that any content filter detects as sensitive replaced,
+    /// whatever the policy's enforcement or `sensitive_data_action` (allowlists still apply):
+    /// for copies that leave the host, such as the events a sidecar reports. `None` when there
+    /// is nothing to replace.
+    pub fn redact_for_report(&self, content: Content<'_>) -> Result<Option<String>, JsonError> {
+        self.redact(content, Redaction::Report)
+    }
+
+    /// Whether some content filter only reports sensitive data (a permissive policy's): then
+    /// arguments and outputs that passed the enforcing checks may still hold sensitive data,
+    /// and copies of them need [`PolicySet::redact_for_report`]. Without such a filter they
+    /// hold none that any filter detects.
+    pub fn reports_sensitive_data_unredacted(&self) -> bool {
+        self.sensitive.as_ref().is_some_and(|s| {
+            s.rules
+                .iter()
+                .any(|r| self.policies[r.at.policy].enforcement != Enforcement::Strict)
+        })
     }
 
     fn decide<'s>(&'s self, violations: Vec<Violation<'s>>) -> Decision<'s> {
@@ -427,16 +458,23 @@ impl PolicySet {
             });
     }
 
-    fn redact(&self, content: Content<'_>, dir: Direction) -> Result<Option<String>, JsonError> {
+    fn redact(&self, content: Content<'_>, how: Redaction) -> Result<Option<String>, JsonError> {
         let Some(s) = &self.sensitive else {
             return Ok(None);
         };
         let redacts = |f: &Finding, value: &str| {
             s.rules.iter().any(|r| {
-                r.kinds[f.kind.index()]
-                    && self.policies[r.at.policy].enforcement == Enforcement::Strict
-                    && (dir == Direction::Output || r.action == SensitiveAction::Redact)
-                    && !r.allows(value)
+                let applies = match how {
+                    Redaction::Report => true,
+                    Redaction::Output => {
+                        self.policies[r.at.policy].enforcement == Enforcement::Strict
+                    }
+                    Redaction::Call => {
+                        self.policies[r.at.policy].enforcement == Enforcement::Strict
+                            && r.action == SensitiveAction::Redact
+                    }
+                };
+                applies && r.kinds[f.kind.index()] && !r.allows(value)
             })
         };
         let mut findings: Vec<Finding> = Vec::new();

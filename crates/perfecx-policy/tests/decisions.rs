@@ -202,6 +202,37 @@ fn sensitive_data_action_redact_forwards_a_scrubbed_call() {
 }
 
 #[test]
+fn redaction_for_reports_covers_what_permissive_filters_only_report() {
+    let permissive = set(&[
+        "name: audit\nenforcement: permissive\nrules:\n  - type: content_filter\n    sensitive_data_detection: true\n    allowlist: [docs@example.com]\n",
+    ]);
+    assert!(permissive.reports_sensitive_data_unredacted());
+    let args = r#"{"to":"ops@acme.io","cc":"docs@example.com"}"#;
+    assert_eq!(permissive.redact_call(Content::Json(args)).unwrap(), None);
+    assert_eq!(
+        permissive
+            .redact_for_report(Content::Json(args))
+            .unwrap()
+            .unwrap(),
+        r#"{"to":"[REDACTED:email]","cc":"docs@example.com"}"#,
+        "allowlisted values stay"
+    );
+
+    // Strict filters block or redact what they detect: nothing is left for reports to remove.
+    let strict =
+        set(&["name: pii\nrules:\n  - type: content_filter\n    sensitive_data_detection: true\n"]);
+    assert!(!strict.reports_sensitive_data_unredacted());
+    assert!(!set(&[STRICT_TOOLS]).reports_sensitive_data_unredacted());
+    assert_eq!(
+        strict
+            .redact_for_report(Content::Text("mail ops@acme.io"))
+            .unwrap()
+            .as_deref(),
+        Some("mail [REDACTED:email]")
+    );
+}
+
+#[test]
 fn forbidden_patterns_in_output_block_it_under_strict_only() {
     let strict =
         set(&["name: s\nrules:\n  - type: content_filter\n    forbidden_patterns: [rm -rf]\n"]);

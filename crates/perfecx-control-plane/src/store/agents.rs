@@ -206,6 +206,24 @@ impl Store {
         Ok(done.rows_affected() > 0)
     }
 
+    /// Replaces an agent's registration token (given by its hash): the old one stops working.
+    /// `false` when there is no such agent.
+    pub async fn set_agent_token_hash(
+        &self,
+        agent_id: &str,
+        token_hash: &str,
+    ) -> StoreResult<bool> {
+        let _gate = self.write_lock().await;
+        let done =
+            sqlx::query("UPDATE agents SET token_hash = $1, updated_at = $2 WHERE agent_id = $3")
+                .bind(token_hash)
+                .bind(now_ms())
+                .bind(agent_id)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
     /// The agent whose registration token hashes to `token_hash`, with the stored hash.
     pub async fn agent_by_token_hash(
         &self,

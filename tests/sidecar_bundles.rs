@@ -1,0 +1,139 @@
+//! End-to-end: the sidecar pulls its agent's policy bundle from a real control plane and
+//! enforces it alongside the policy files, also across a restart while the control plane is
+//! down.
+
+mod common;
+
+use common::control_plane::ControlPlane;
+use common::*;
+use reqwest::Method;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+const AGENT: &str = "test-agent";
+const LOCAL: &str =
+    "name: local\nrules:\n  - type: tool_restriction\n    forbidden_tools: [shell]\n";
+
+fn forbidding(tool: &str) -> Value {
+    json!({"name": "central", "rules": [{"type": "tool_restriction", "forbidden_tools": [tool]}]})
+}
+
+async fn start(cp_base: &str, spool: &std::path::Path, mcp_url: &str, token: &str) -> Sidecar {
+    let extra = format!(
+        "control_plane:\n  url: {cp_base}\n  token_env: PERFECX_TEST_TOKEN_UNUSED\n  spool_dir: {}\n  bundle_poll_interval_ms: 100\n",
+        spool.display()
+    );
+    let token = token.to_owned();
+    Sidecar::start_configured(
+        &[("local.yaml", LOCAL)],
+        &format!("  - name: tools\n    mcp_url: {mcp_url}\n"),
+        &extra,
+        move |c| c.control_plane.as_mut().unwrap().token = Some(token),
+    )
+    .await
+}
+
+/// Whether a call of `tool` is refused, and by which policy (the refusal's text).
+async fn refusal(sidecar: &Sidecar, tool: &str, args: Value) -> Option<String> {
+    let agent = client(&sidecar.mcp_url("tools")).await;
+    let r = call(&agent, tool, args).await;
+    agent.cancel().await.unwrap();
+    is_error(&r).then(|| text(&r))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agents_bundle_is_enforced_with_the_files_and_kept_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("cp.db");
+    let spool = dir.path().join("spool");
+    let cp = ControlPlane::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), &db).await;
+    let (addr, base) = (cp.addr, cp.base.clone());
+    let token = cp.register(AGENT).await;
+    let created = cp
+        .request(Method::POST, "/v1/policies", Some(forbidding("echo")))
+        .await;
+    let policy_id = created["policy_id"].as_str().unwrap().to_owned();
+    cp.request(
+        Method::POST,
+        &format!("/v1/agents/{AGENT}/policies"),
+        Some(json!({"policy_ids": [policy_id]})),
+    )
+    .await;
+
+    let (mcp_url, mcp_ct) = mcp_server(true).await;
+    let sidecar = start(&base, &spool, &mcp_url, &token).await;
+    let echo = json!({"text": "hi"});
+    eventually("the bundle's policy is enforced", || async {
+        refusal(&sidecar, "echo", echo.clone())
+            .await
+            .is_some_and(|t| t.contains("policy `central`"))
+    })
+    .await;
+    // The files still apply, and /policies tells the two sources apart.
+    assert!(
+        refusal(&sidecar, "shell", json!({"command": "ls"}))
+            .await
+            .is_some()
+    );
+    assert_eq!(
+        refusal(&sidecar, "add", json!({"a": 1, "b": 1})).await,
+        None
+    );
+    let (_, report) = sidecar.admin_get("/policies").await;
+    let report: Value = serde_json::from_str(&report).unwrap();
+    assert!(report["bundle_revision"].is_string(), "{report}");
+    let central = report["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "central")
+        .unwrap();
+    assert_eq!(central["policy_id"], policy_id.as_str(), "{report}");
+
+    // A restart while the control plane is down enforces the bundle kept on disk from the start.
+    sidecar.stop().await;
+    cp.stop().await;
+    let sidecar = start(&base, &spool, &mcp_url, &token).await;
+    let refused = refusal(&sidecar, "echo", echo.clone()).await;
+    assert!(
+        refused.is_some_and(|t| t.contains("policy `central`")),
+        "the kept bundle applies at once"
+    );
+
+    // Back up: a change of the policy reaches the sidecar; detaching it lifts it.
+    let cp = ControlPlane::start(TcpListener::bind(addr).await.unwrap(), &db).await;
+    cp.request(
+        Method::PUT,
+        &format!("/v1/policies/{policy_id}"),
+        Some(forbidding("add")),
+    )
+    .await;
+    eventually("the updated policy is enforced", || async {
+        refusal(&sidecar, "add", json!({"a": 1, "b": 1}))
+            .await
+            .is_some()
+    })
+    .await;
+    assert_eq!(refusal(&sidecar, "echo", echo.clone()).await, None);
+    cp.request(
+        Method::DELETE,
+        &format!("/v1/agents/{AGENT}/policies/{policy_id}"),
+        None,
+    )
+    .await;
+    eventually("the detached policy is lifted", || async {
+        refusal(&sidecar, "add", json!({"a": 1, "b": 1}))
+            .await
+            .is_none()
+    })
+    .await;
+    assert!(
+        refusal(&sidecar, "shell", json!({"command": "ls"}))
+            .await
+            .is_some()
+    );
+
+    sidecar.stop().await;
+    mcp_ct.cancel();
+    cp.stop().await;
+}
