@@ -91,7 +91,8 @@ pub struct Anomaly {
 pub struct Config {
     /// The width of one bucket of the rate, latency, error and violation series.
     pub bucket_ms: i64,
-    /// Buckets seen before anything is reported.
+    /// Buckets seen before anything is reported; at least half of them must have held a
+    /// signal, so that a silence is not taken for a baseline.
     pub warmup_buckets: usize,
     /// Buckets the baseline looks back over.
     pub history_buckets: usize,
@@ -132,6 +133,8 @@ pub struct AgentDetector {
     current: Bucket,
     current_start: Option<i64>,
     buckets_seen: usize,
+    /// Buckets closed that held a signal.
+    active_buckets: usize,
     tools: HashSet<String>,
     transitions: HashMap<(String, String), u64>,
     out_of: HashMap<String, u64>,
@@ -146,6 +149,7 @@ impl AgentDetector {
             current: Bucket::default(),
             current_start: None,
             buckets_seen: 0,
+            active_buckets: 0,
             tools: HashSet::new(),
             transitions: HashMap::new(),
             out_of: HashMap::new(),
@@ -155,6 +159,7 @@ impl AgentDetector {
 
     fn warm(&self) -> bool {
         self.buckets_seen >= self.cfg.warmup_buckets
+            && self.active_buckets >= self.cfg.warmup_buckets / 2
     }
 
     /// Feeds one signal; returns the anomalies it (or the buckets it closes) reveals.
@@ -228,6 +233,7 @@ impl AgentDetector {
             self.history.pop_front();
         }
         self.buckets_seen += 1;
+        self.active_buckets += usize::from(b.calls + b.violations > 0);
     }
 
     fn judge_bucket(&self, b: &Bucket, at: i64, found: &mut Vec<Anomaly>) {
@@ -504,6 +510,15 @@ mod tests {
             found.iter().map(|a| a.kind).collect::<Vec<_>>(),
             vec![AnomalyKind::ViolationBurst]
         );
+    }
+
+    #[test]
+    fn a_silence_is_no_baseline() {
+        let mut d = AgentDetector::new(Config::default());
+        feed(&mut d, 0, 4, 100.0, 0, "search");
+        // Two hours later: many minutes have passed, but only one of them held anything.
+        assert!(feed(&mut d, 120, 200, 5000.0, 150, "exfiltrate").is_empty());
+        assert!(d.flush(121 * 60_000).is_empty());
     }
 
     #[test]
