@@ -4,7 +4,9 @@ use crate::config::Retention;
 use crate::store::{Store, now_ms};
 
 pub async fn run(store: Store, retention: Retention) {
-    let mut ticks = tokio::time::interval(retention.interval);
+    // The first pass after one interval: not while the server starts taking requests.
+    let first = tokio::time::Instant::now() + retention.interval;
+    let mut ticks = tokio::time::interval_at(first, retention.interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
