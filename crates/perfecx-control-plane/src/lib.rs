@@ -111,10 +111,14 @@ async fn bootstrap_admin_key(store: &Store, admin_key: Option<&str>) -> anyhow::
             let hash = auth::hash_secret(key);
             if store.key_by_hash(&hash).await?.is_none() {
                 let key_id = format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
-                store
+                match store
                     .insert_key(&key_id, "admin (PERFECX_ADMIN_KEY)", &hash, &[Scope::Admin])
                     .await
-                    .map_err(|e| to_anyhow(e.into()))?;
+                {
+                    // Another replica, starting at the same time, stored it first.
+                    Ok(_) | Err(store::StoreError::Duplicate(_)) => {}
+                    Err(e) => return Err(to_anyhow(e.into())),
+                }
             }
         }
         None => {
