@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 use perfecx_api::Scope;
 
-use crate::config::{Config, Retention};
+use crate::config::{Config, Retention, WebSocketSettings};
 use crate::ratelimit::{Limit, RateLimits};
 use crate::store::{SqliteSync, Store};
 
@@ -48,6 +48,15 @@ pub struct ControlPlaneArgs {
     /// Policy changes (create, update, delete, apply, detach) per API key.
     #[arg(long, env = "PERFECX_RATE_POLICIES", default_value = "100/1h", value_parser = parse_limit)]
     pub rate_policies: Limit,
+    /// How often each WebSocket gets a `metrics_update`.
+    #[arg(long, env = "PERFECX_WS_METRICS_INTERVAL", default_value = "5s", value_parser = parse_interval)]
+    pub ws_metrics_interval: Duration,
+    /// How often the server pings each WebSocket.
+    #[arg(long, env = "PERFECX_WS_PING_INTERVAL", default_value = "20s", value_parser = parse_interval)]
+    pub ws_ping_interval: Duration,
+    /// Messages a WebSocket may fall behind by before its oldest are dropped.
+    #[arg(long, env = "PERFECX_WS_BUFFER", default_value = "256", value_parser = clap::value_parser!(u16).range(1..))]
+    pub ws_buffer: u16,
 }
 
 impl ControlPlaneArgs {
@@ -69,6 +78,12 @@ impl ControlPlaneArgs {
                 events: self.retention,
                 inactive_after: self.inactive_after,
                 ..Retention::default()
+            },
+            websocket: WebSocketSettings {
+                metrics_interval: self.ws_metrics_interval,
+                ping_interval: self.ws_ping_interval,
+                buffer: usize::from(self.ws_buffer),
+                ..WebSocketSettings::default()
             },
         }
     }
@@ -201,6 +216,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         _ => return Err(format!("`{text}`: unknown unit `{unit}`; use s, m, h or d")),
     };
     Ok(Duration::from_secs(n.saturating_mul(seconds)))
+}
+
+/// A duration of at least one second.
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err(format!("`{text}`: an interval must be at least 1s")),
+        d => Ok(d),
+    }
 }
 
 /// `COUNT/PERIOD` such as `100/1h` or `10000/1m` (`/h` means `/1h`); `0` for no limit.

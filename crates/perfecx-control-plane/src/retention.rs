@@ -1,4 +1,5 @@
-//! The background task that deletes expired events and marks silent agents inactive.
+//! The background task that deletes expired events (with their rollups and anomalies) and
+//! marks silent agents inactive.
 
 use crate::config::Retention;
 use crate::store::{Store, now_ms};
@@ -24,6 +25,14 @@ pub async fn prune_once(store: &Store, retention: &Retention) {
         Ok(0) => {}
         Ok(n) => tracing::info!(deleted = n, "pruned expired events"),
         Err(e) => tracing::warn!(error = %e, "cannot prune events"),
+    }
+    match store
+        .prune_rollups_and_anomalies(age(retention.events))
+        .await
+    {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(deleted = n, "pruned expired rollups and anomalies"),
+        Err(e) => tracing::warn!(error = %e, "cannot prune rollups and anomalies"),
     }
     if let Err(e) = store
         .mark_idle_agents_inactive(age(retention.inactive_after))
