@@ -277,6 +277,10 @@ mod tests {
             "5/1m",
             "--retention",
             "7d",
+            "--ws-metrics-interval",
+            "2s",
+            "--ws-buffer",
+            "64",
         ]);
         let Ok(Cli {
             command: Command::ControlPlane(args),
@@ -286,6 +290,18 @@ mod tests {
         };
         let config = args.config();
         assert_eq!(config.database_url, "postgres://u@h/db");
+        assert_eq!(config.websocket.metrics_interval, Duration::from_secs(2));
+        assert_eq!(config.websocket.ping_interval, Duration::from_secs(20));
+        assert_eq!(config.websocket.buffer, 64);
+        assert_eq!(config.websocket.auth_timeout, Duration::from_secs(10));
+        for bad in [
+            ["--ws-metrics-interval", "0s"],
+            ["--ws-ping-interval", "0"],
+            ["--ws-buffer", "0"],
+        ] {
+            let args = ["perfecx", "control-plane", bad[0], bad[1]];
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
         assert_eq!(
             config.rate_limits.events,
             Limit::new(5, Duration::from_secs(60))

@@ -118,8 +118,16 @@ pub struct Totals {
     pub tools: BTreeMap<String, ToolCounts>,
 }
 
+/// Whether metrics count events of this type.
+pub fn counted(event_type: &str) -> bool {
+    matches!(event_type, "tool_execution" | "policy_violation")
+}
+
 impl Totals {
     pub fn add(&mut self, e: &Alike<'_>) {
+        if !counted(e.event_type) {
+            return;
+        }
         let tool = self.tools.entry(tool_key(e.tool).to_string()).or_default();
         add_to(&mut self.counts, tool, e);
     }
@@ -286,7 +294,7 @@ pub(super) async fn write(
     anonymous: bool,
 ) -> StoreResult<()> {
     let mut minutes: BTreeMap<i64, Totals> = BTreeMap::new();
-    for e in events {
+    for e in events.iter().filter(|e| counted(e.event_type)) {
         let duration = e.duration_ms.map(|ms| (bucket_of(ms), ms));
         minutes.entry(minute_of(e.ts)).or_default().add(&Alike {
             event_type: e.event_type,
