@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 use perfecx_api::Scope;
 
-use crate::config::{Config, Retention, WebSocketSettings};
+use crate::config::{Config, DetectionSettings, Retention, WebSocketSettings};
 use crate::ratelimit::{Limit, RateLimits};
 use crate::store::{SqliteSync, Store};
 
@@ -85,6 +85,7 @@ impl ControlPlaneArgs {
                 buffer: usize::from(self.ws_buffer),
                 ..WebSocketSettings::default()
             },
+            detection: DetectionSettings::default(),
         }
     }
 }

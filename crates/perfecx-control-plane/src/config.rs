@@ -18,6 +18,25 @@ pub struct Config {
     pub rate_limits: RateLimits,
     pub retention: Retention,
     pub websocket: WebSocketSettings,
+    pub detection: DetectionSettings,
+}
+
+/// Anomaly detection's clock (see `crate::monitor`).
+#[derive(Debug, Clone)]
+pub struct DetectionSettings {
+    /// How often the minutes of silent agents are judged.
+    pub tick: Duration,
+    /// How long after a minute's end its events may still arrive and count.
+    pub lateness: Duration,
+}
+
+impl Default for DetectionSettings {
+    fn default() -> DetectionSettings {
+        DetectionSettings {
+            tick: Duration::from_secs(5),
+            lateness: Duration::from_secs(10),
+        }
+    }
 }
 
 /// The WebSocket at `/agents/{agent_id}`.
@@ -76,6 +95,7 @@ impl Config {
             rate_limits: RateLimits::default(),
             retention: Retention::default(),
             websocket: WebSocketSettings::default(),
+            detection: DetectionSettings::default(),
         }
     }
 }

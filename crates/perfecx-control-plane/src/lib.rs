@@ -93,7 +93,7 @@ pub async fn run(
     });
     // Listening before serving: whatever other replicas accept from now on reaches this one.
     let relaying = relay::listen(state.clone(), &config.database_url).await?;
-    let detecting = tokio::spawn(detection.run(state.clone()));
+    let detecting = tokio::spawn(detection.run(state.clone(), config.detection.clone()));
     let pruner = tokio::spawn(retention::run(store.clone(), config.retention.clone()));
     tracing::info!(%address, "control plane listening");
     let served = axum::serve(listener, app(state))

@@ -7,7 +7,7 @@
 //! Detectors live in this process: a restart, or an agent's events spread over several
 //! replicas, starts (or splits) its baseline. The detector's clock is the events' timestamps;
 //! between events it runs on with the wall clock, so that a minute is judged even when the
-//! agent falls silent after it (`LATENESS` after its end).
+//! agent falls silent after it (`DetectionSettings::lateness` after its end).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -17,14 +17,10 @@ use perfecx_monitor::{AgentDetector, Signal};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::config::DetectionSettings;
 use crate::relay::Note;
 use crate::state::AppState;
 use crate::store::{EventRow, NewAnomaly, StoreError};
-
-/// How often silent detectors are moved on.
-const TICK: Duration = Duration::from_secs(5);
-/// How long after a minute's end its events may still arrive and count.
-const LATENESS: Duration = Duration::from_secs(10);
 
 /// What the detector needs of one stored event.
 #[derive(Debug)]
@@ -120,7 +116,7 @@ impl Watched {
 }
 
 impl Detection {
-    pub async fn run(mut self, state: AppState) {
+    pub async fn run(mut self, state: AppState, settings: DetectionSettings) {
         let config = perfecx_monitor::Config::default();
         // A detector that heard nothing for its whole history knows nothing useful any more:
         // it is dropped, and the agent starts a new warm-up when it comes back.
@@ -128,9 +124,9 @@ impl Detection {
             u64::try_from(config.bucket_ms).unwrap_or(60_000)
                 * u64::try_from(config.history_buckets).unwrap_or(120),
         );
-        let lateness = i64::try_from(LATENESS.as_millis()).unwrap_or(10_000);
+        let lateness = i64::try_from(settings.lateness.as_millis()).unwrap_or(i64::MAX);
         let mut agents: HashMap<String, Watched> = HashMap::new();
-        let mut tick = tokio::time::interval(TICK);
+        let mut tick = tokio::time::interval(settings.tick.max(Duration::from_millis(10)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {

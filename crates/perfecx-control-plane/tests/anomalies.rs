@@ -13,7 +13,10 @@ use perfecx_monitor::generator::{Event, Traffic, generate};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-on_both_databases!(anomalies_are_detected_stored_and_listed);
+on_both_databases!(
+    anomalies_are_detected_stored_and_listed,
+    a_spike_is_reported_when_the_agent_falls_silent
+);
 
 /// 2024-01-15T00:00:00Z: the generator's minute 0.
 const T0: i64 = 1_705_276_800_000;
@@ -78,6 +81,9 @@ async fn anomalies_are_detected_stored_and_listed(db: TestDb) {
         config.rate_limits.events = perfecx_control_plane::Limit::new(0, Duration::from_secs(60));
         config.rate_limits.metrics = perfecx_control_plane::Limit::new(0, Duration::from_secs(60));
         config.websocket.metrics_interval = Duration::from_secs(3600);
+        // Minutes are judged as the events move past them, never by the clock: however slowly
+        // this machine posts them, the result is the same.
+        config.detection.lateness = Duration::from_secs(86_400);
     })
     .await;
     let token = server.register("a1").await;
@@ -302,5 +308,58 @@ async fn anomalies_are_detected_stored_and_listed(db: TestDb) {
     assert_eq!(reply.body["stored"], 0);
     let reply = server.get(&list(""), ADMIN_KEY).await;
     assert_eq!(reply.body["total"], anomalies.len());
+    server.stop().await;
+}
+
+/// The last minute before a silence is judged by the clock: its burst of violations is
+/// reported though no later event closes the minute.
+async fn a_spike_is_reported_when_the_agent_falls_silent(db: TestDb) {
+    let server = TestServer::start_with(&db, |config| {
+        config.websocket.metrics_interval = Duration::from_secs(3600);
+        config.detection.tick = Duration::from_millis(50);
+        config.detection.lateness = Duration::ZERO;
+    })
+    .await;
+    let token = server.register("a1").await;
+    let mut socket = ws::connect(&server, "a1", ADMIN_KEY).await;
+    assert!(ws::next_of(&mut socket, "policy_bundle").await.is_some());
+    // 35 quiet minutes (20 calls each, a violation now and then), then 12 violations in the
+    // 36th, whose last event comes 59 s into it.
+    let mut events = Vec::new();
+    for minute in 0..36 {
+        for i in 0..20 {
+            let at = T0 + minute * 60_000 + i * 2_900;
+            events.push(
+                json!({"event_type": "tool_execution", "timestamp": rfc3339(at),
+                "data": {"tool": "web_search", "duration_ms": 200, "success": true}}),
+            );
+        }
+        let violations = if minute == 35 {
+            12
+        } else {
+            i64::from(minute % 10 == 0)
+        };
+        for v in 0..violations {
+            events.push(json!({"event_type": "policy_violation", "timestamp": rfc3339(T0 + minute * 60_000 + 30_000 + v),
+                "data": {"tool": "shell", "rule": "tool_restriction", "action": "blocked"}}));
+        }
+    }
+    events.push(
+        json!({"event_type": "tool_execution", "timestamp": rfc3339(T0 + 35 * 60_000 + 59_000),
+        "data": {"tool": "web_search", "duration_ms": 200, "success": true}}),
+    );
+    let reply = server
+        .post("/v1/agents/a1/events", &token, json!({"events": events}))
+        .await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    let found = ws::next_of(&mut socket, "anomaly_detected")
+        .await
+        .unwrap_or_default();
+    assert_eq!(found["data"]["type"], "violation_burst", "{found}");
+    assert_eq!(found["data"]["detected_at"], rfc3339(T0 + 36 * 60_000));
+    assert_eq!(
+        found["data"]["evidence"]["observed_violations_per_minute"],
+        12
+    );
     server.stop().await;
 }
