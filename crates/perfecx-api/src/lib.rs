@@ -17,7 +17,10 @@ pub use agents::{
 };
 pub use events::{EVENT_TYPES, EventBatch, EventType, EventsAccepted, MAX_BATCH_EVENTS, NewEvent};
 pub use keys::{ApiKey, ApiKeyList, CreateApiKeyRequest, CreatedApiKey, Scope};
-pub use metrics::{Anomaly, AnomalyList, Metrics, MetricsResponse, SecurityEvents, TimeRange};
+pub use metrics::{
+    Anomaly, AnomalyList, LatencyPercentiles, Metrics, MetricsResponse, SecurityEvents, Severity,
+    TimeRange, ToolMetrics, ViolationsByAction, ViolationsByRule,
+};
 pub use policies::{
     AgentPolicyList, ApplyPoliciesRequest, BundledPolicy, PolicyBundle, PolicyList, PolicyRecord,
 };

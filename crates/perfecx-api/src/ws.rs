@@ -11,9 +11,14 @@ pub enum ServerMessage {
     AnomalyDetected(Anomaly),
     /// A `policy_violation` event's `data` as the sidecar reported it.
     PolicyViolation(Value),
+    /// The metrics of the last hour, every few seconds.
     MetricsUpdate(MetricsResponse),
     /// A new policy bundle for the sidecar of this agent.
     PolicyBundle(PolicyBundle),
+    /// This socket fell too far behind: the `dropped` oldest messages were not sent to it.
+    Lagged {
+        dropped: u64,
+    },
 }
 
 /// What a client sends; the first message must be `{"type": "auth", "token": "..."}`.
@@ -41,6 +46,10 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&violation)?,
             serde_json::json!({"type": "policy_violation", "data": {"tool": "shell"}})
+        );
+        assert_eq!(
+            serde_json::to_value(ServerMessage::Lagged { dropped: 7 })?,
+            serde_json::json!({"type": "lagged", "data": {"dropped": 7}})
         );
         Ok(())
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use clap::Args;
 use perfecx_api::Scope;
 
-use crate::config::{Config, Retention};
+use crate::config::{Config, DetectionSettings, Retention, WebSocketSettings};
 use crate::ratelimit::{Limit, RateLimits};
 use crate::store::{SqliteSync, Store};
 
@@ -48,6 +48,15 @@ pub struct ControlPlaneArgs {
     /// Policy changes (create, update, delete, apply, detach) per API key.
     #[arg(long, env = "PERFECX_RATE_POLICIES", default_value = "100/1h", value_parser = parse_limit)]
     pub rate_policies: Limit,
+    /// How often each WebSocket gets a `metrics_update`.
+    #[arg(long, env = "PERFECX_WS_METRICS_INTERVAL", default_value = "5s", value_parser = parse_interval)]
+    pub ws_metrics_interval: Duration,
+    /// How often the server pings each WebSocket.
+    #[arg(long, env = "PERFECX_WS_PING_INTERVAL", default_value = "20s", value_parser = parse_interval)]
+    pub ws_ping_interval: Duration,
+    /// Messages a WebSocket may fall behind by before its oldest are dropped.
+    #[arg(long, env = "PERFECX_WS_BUFFER", default_value = "256", value_parser = clap::value_parser!(u16).range(1..))]
+    pub ws_buffer: u16,
 }
 
 impl ControlPlaneArgs {
@@ -70,6 +79,13 @@ impl ControlPlaneArgs {
                 inactive_after: self.inactive_after,
                 ..Retention::default()
             },
+            websocket: WebSocketSettings {
+                metrics_interval: self.ws_metrics_interval,
+                ping_interval: self.ws_ping_interval,
+                buffer: usize::from(self.ws_buffer),
+                ..WebSocketSettings::default()
+            },
+            detection: DetectionSettings::default(),
         }
     }
 }
@@ -203,6 +219,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(n.saturating_mul(seconds)))
 }
 
+/// A duration of at least one second.
+pub fn parse_interval(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        d if d.is_zero() => Err(format!("`{text}`: an interval must be at least 1s")),
+        d => Ok(d),
+    }
+}
+
 /// `COUNT/PERIOD` such as `100/1h` or `10000/1m` (`/h` means `/1h`); `0` for no limit.
 pub fn parse_limit(text: &str) -> Result<Limit, String> {
     let (count, period) = text.split_once('/').unwrap_or((text, "1h"));
@@ -254,6 +278,10 @@ mod tests {
             "5/1m",
             "--retention",
             "7d",
+            "--ws-metrics-interval",
+            "2s",
+            "--ws-buffer",
+            "64",
         ]);
         let Ok(Cli {
             command: Command::ControlPlane(args),
@@ -263,6 +291,18 @@ mod tests {
         };
         let config = args.config();
         assert_eq!(config.database_url, "postgres://u@h/db");
+        assert_eq!(config.websocket.metrics_interval, Duration::from_secs(2));
+        assert_eq!(config.websocket.ping_interval, Duration::from_secs(20));
+        assert_eq!(config.websocket.buffer, 64);
+        assert_eq!(config.websocket.auth_timeout, Duration::from_secs(10));
+        for bad in [
+            ["--ws-metrics-interval", "0s"],
+            ["--ws-ping-interval", "0"],
+            ["--ws-buffer", "0"],
+        ] {
+            let args = ["perfecx", "control-plane", bad[0], bad[1]];
+            assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
+        }
         assert_eq!(
             config.rate_limits.events,
             Limit::new(5, Duration::from_secs(60))

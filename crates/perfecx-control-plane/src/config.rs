@@ -17,6 +17,51 @@ pub struct Config {
     pub admin_key: Option<String>,
     pub rate_limits: RateLimits,
     pub retention: Retention,
+    pub websocket: WebSocketSettings,
+    pub detection: DetectionSettings,
+}
+
+/// Anomaly detection's clock (see `crate::monitor`).
+#[derive(Debug, Clone)]
+pub struct DetectionSettings {
+    /// How often the minutes of silent agents are judged.
+    pub tick: Duration,
+    /// How long after a minute's end its events may still arrive and count.
+    pub lateness: Duration,
+}
+
+impl Default for DetectionSettings {
+    fn default() -> DetectionSettings {
+        DetectionSettings {
+            tick: Duration::from_secs(5),
+            lateness: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The WebSocket at `/agents/{agent_id}`.
+#[derive(Debug, Clone)]
+pub struct WebSocketSettings {
+    /// How long a client may take to send its auth message.
+    pub auth_timeout: Duration,
+    /// How often each socket gets a `metrics_update` (the last hour).
+    pub metrics_interval: Duration,
+    /// How often the server pings; a client silent for three intervals is dropped.
+    pub ping_interval: Duration,
+    /// Messages a socket may fall behind by; beyond that its oldest are dropped, and it is
+    /// told how many.
+    pub buffer: usize,
+}
+
+impl Default for WebSocketSettings {
+    fn default() -> WebSocketSettings {
+        WebSocketSettings {
+            auth_timeout: Duration::from_secs(10),
+            metrics_interval: Duration::from_secs(5),
+            ping_interval: Duration::from_secs(20),
+            buffer: 256,
+        }
+    }
 }
 
 /// How long things are kept, and how often that is enforced.
@@ -49,6 +94,8 @@ impl Config {
             admin_key: None,
             rate_limits: RateLimits::default(),
             retention: Retention::default(),
+            websocket: WebSocketSettings::default(),
+            detection: DetectionSettings::default(),
         }
     }
 }

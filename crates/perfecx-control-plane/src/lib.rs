@@ -11,7 +11,9 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod monitor;
 pub mod ratelimit;
+pub mod relay;
 pub mod retention;
 pub mod routes;
 pub mod state;
@@ -78,18 +80,30 @@ pub async fn run(
             .replacen("http://", "ws://", 1),
         None => format!("ws://{address}"),
     };
-    let state = AppState::new(
-        store.clone(),
-        ratelimit::RateLimiter::new(config.rate_limits),
-        telemetry::Telemetry::new()?,
+    let (monitor, detection) = monitor::channel();
+    let relay = relay::Relay::new(&store).await?;
+    let state = AppState::new(state::Parts {
+        store: store.clone(),
+        limiter: ratelimit::RateLimiter::new(config.rate_limits),
+        telemetry: telemetry::Telemetry::new()?,
+        monitor,
+        relay,
+        websocket: config.websocket.clone(),
         monitoring_base,
-    );
+    });
+    // Listening before serving: whatever other replicas accept from now on reaches this one.
+    let relaying = relay::listen(state.clone(), &config.database_url).await?;
+    let detecting = tokio::spawn(detection.run(state.clone(), config.detection.clone()));
     let pruner = tokio::spawn(retention::run(store.clone(), config.retention.clone()));
     tracing::info!(%address, "control plane listening");
     let served = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await;
     pruner.abort();
+    detecting.abort();
+    if let Some(relaying) = relaying {
+        relaying.abort();
+    }
     store.close().await;
     served.map_err(Into::into)
 }
@@ -111,10 +125,14 @@ async fn bootstrap_admin_key(store: &Store, admin_key: Option<&str>) -> anyhow::
             let hash = auth::hash_secret(key);
             if store.key_by_hash(&hash).await?.is_none() {
                 let key_id = format!("key_{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
-                store
+                match store
                     .insert_key(&key_id, "admin (PERFECX_ADMIN_KEY)", &hash, &[Scope::Admin])
                     .await
-                    .map_err(|e| to_anyhow(e.into()))?;
+                {
+                    // Another replica, starting at the same time, stored it first.
+                    Ok(_) | Err(store::StoreError::Duplicate(_)) => {}
+                    Err(e) => return Err(to_anyhow(e.into())),
+                }
             }
         }
         None => {

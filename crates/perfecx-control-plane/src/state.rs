@@ -3,9 +3,12 @@
 use std::sync::Arc;
 
 use crate::auth::Principal;
+use crate::config::WebSocketSettings;
 use crate::error::ApiResult;
 use crate::hub::Hub;
+use crate::monitor::Monitor;
 use crate::ratelimit::{Class, Quota, RateLimiter};
+use crate::relay::{Note, Relay};
 use crate::store::Store;
 use crate::telemetry::Telemetry;
 
@@ -17,23 +20,35 @@ struct Inner {
     limiter: RateLimiter,
     telemetry: Telemetry,
     hub: Hub,
+    monitor: Monitor,
+    relay: Relay,
+    websocket: WebSocketSettings,
     /// `ws://host:port` or `wss://...`, the base of each agent's monitoring endpoint.
     monitoring_base: String,
 }
 
+/// What [`AppState::new`] is made of.
+pub struct Parts {
+    pub store: Store,
+    pub limiter: RateLimiter,
+    pub telemetry: Telemetry,
+    pub monitor: Monitor,
+    pub relay: Relay,
+    pub websocket: WebSocketSettings,
+    pub monitoring_base: String,
+}
+
 impl AppState {
-    pub fn new(
-        store: Store,
-        limiter: RateLimiter,
-        telemetry: Telemetry,
-        monitoring_base: String,
-    ) -> AppState {
+    pub fn new(parts: Parts) -> AppState {
         AppState(Arc::new(Inner {
-            store,
-            limiter,
-            telemetry,
-            hub: Hub::default(),
-            monitoring_base,
+            hub: Hub::new(parts.websocket.buffer),
+            store: parts.store,
+            limiter: parts.limiter,
+            telemetry: parts.telemetry,
+            monitor: parts.monitor,
+            relay: parts.relay,
+            websocket: parts.websocket,
+            monitoring_base: parts.monitoring_base,
         }))
     }
 
@@ -43,6 +58,23 @@ impl AppState {
 
     pub fn hub(&self) -> &Hub {
         &self.0.hub
+    }
+
+    pub fn monitor(&self) -> &Monitor {
+        &self.0.monitor
+    }
+
+    pub fn relay(&self) -> &Relay {
+        &self.0.relay
+    }
+
+    /// Tells the other replicas (on PostgreSQL) what happened here.
+    pub async fn announce(&self, note: Note) {
+        self.0.relay.announce(&self.0.store, note).await;
+    }
+
+    pub fn websocket(&self) -> &WebSocketSettings {
+        &self.0.websocket
     }
 
     pub fn telemetry(&self) -> &Telemetry {

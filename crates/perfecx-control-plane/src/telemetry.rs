@@ -15,6 +15,8 @@ pub struct Telemetry {
     pub events_accepted: IntCounter,
     pub events_duplicate: IntCounter,
     pub rate_limited: IntCounterVec,
+    pub anomalies_detected: IntCounter,
+    pub socket_messages_dropped: IntCounter,
 }
 
 impl Telemetry {
@@ -42,6 +44,16 @@ impl Telemetry {
             ),
             &["class"],
         )?;
+        let anomalies_detected = IntCounter::new(
+            "perfecx_cp_anomalies_detected_total",
+            "Anomalies detected (and stored) by this replica",
+        )?;
+        let socket_messages_dropped = IntCounter::new(
+            "perfecx_cp_websocket_messages_dropped_total",
+            "Messages not sent to a WebSocket client that fell too far behind",
+        )?;
+        registry.register(Box::new(anomalies_detected.clone()))?;
+        registry.register(Box::new(socket_messages_dropped.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(events_accepted.clone()))?;
         registry.register(Box::new(events_duplicate.clone()))?;
@@ -52,6 +64,8 @@ impl Telemetry {
             events_accepted,
             events_duplicate,
             rate_limited,
+            anomalies_detected,
+            socket_messages_dropped,
         })
     }
 

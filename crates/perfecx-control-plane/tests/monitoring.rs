@@ -71,7 +71,15 @@ async fn metrics_from_events(db: TestDb) {
             "metrics": {
                 "total_requests": 4, "average_response_time_ms": 250.0, "error_rate": 0.25,
                 "anomaly_score": 0.0, "policy_violations": 4,
-                "security_events": {"memory_tampering_attempts": 1, "unauthorized_tool_access": 1, "suspicious_patterns": 2}
+                "security_events": {"memory_tampering_attempts": 1, "unauthorized_tool_access": 1, "suspicious_patterns": 2},
+                // 100 ms in [100, 150), 200 in [200, 300), 300 and 400 in [300, 500).
+                "latency_percentiles_ms": {"p50": 250.0, "p95": 450.0, "p99": 450.0},
+                "violations_by_rule": {"tool_restriction": 1, "execution_limit": 0, "content_filter": 2, "memory_protection": 1},
+                "violations_by_action": {"blocked": 4, "redacted": 0, "alerted": 0},
+                "tools": {
+                    "shell": {"requests": 0, "errors": 0, "average_response_time_ms": 0.0, "policy_violations": 4},
+                    "web_search": {"requests": 4, "errors": 1, "average_response_time_ms": 250.0, "policy_violations": 0}
+                }
             }
         })
     );
@@ -268,6 +276,43 @@ async fn service_endpoints_and_errors(db: TestDb) {
             .get("RegisterAgentRequest")
             .is_some()
     );
+    // The monitoring shapes and parameters.
+    let schemas = &doc.body["components"]["schemas"];
+    for (schema, property) in [
+        ("Anomaly", "severity"),
+        ("Anomaly", "evidence"),
+        ("Metrics", "latency_percentiles_ms"),
+        ("Metrics", "violations_by_action"),
+        ("Metrics", "tools"),
+        ("ToolMetrics", "requests"),
+    ] {
+        assert!(
+            schemas[schema]["properties"].get(property).is_some(),
+            "{schema}.{property} missing from the OpenAPI document"
+        );
+    }
+    assert_eq!(
+        schemas["Severity"]["enum"],
+        json!(["low", "medium", "high", "critical"])
+    );
+    let parameters: Vec<&str> =
+        doc.body["paths"]["/v1/agents/{agent_id}/anomalies"]["get"]["parameters"]
+            .as_array()
+            .map(|list| list.iter().filter_map(|p| p["name"].as_str()).collect())
+            .unwrap_or_default();
+    for name in [
+        "start",
+        "end",
+        "severity",
+        "min_severity",
+        "limit",
+        "offset",
+    ] {
+        assert!(
+            parameters.contains(&name),
+            "{name} missing from {parameters:?}"
+        );
+    }
 
     // Prometheus: requests by route template and status.
     let scrape = server.call(Method::GET, "/metrics", None, None).await;

@@ -8,11 +8,11 @@ use serde_json::json;
 /// What the detector is fed, in time order (milliseconds since the epoch).
 #[derive(Debug, Clone, Copy)]
 pub enum Signal<'a> {
-    /// A tool call that reached the tool.
+    /// A tool call that reached the tool; `duration_ms` when the call reported one.
     Call {
         at_ms: i64,
         tool: &'a str,
-        duration_ms: f64,
+        duration_ms: Option<f64>,
         success: bool,
     },
     /// A policy violation (the call may not have reached the tool).
@@ -91,16 +91,16 @@ pub struct Anomaly {
 pub struct Config {
     /// The width of one bucket of the rate, latency, error and violation series.
     pub bucket_ms: i64,
-    /// Buckets seen before anything is reported.
+    /// Buckets seen before anything is reported; at least half of them must have held a
+    /// signal, so that a silence is not taken for a baseline.
     pub warmup_buckets: usize,
     /// Buckets the baseline looks back over.
     pub history_buckets: usize,
     /// How many robust standard deviations make a spike.
     pub threshold: f64,
-    /// Transitions out of a tool seen before one of them can be called rare.
+    /// Departures from a tool seen before a transition out of it, never taken in all of
+    /// them, is reported as rare.
     pub min_transitions: u64,
-    /// A transition taken less often than this, out of its tool, is rare.
-    pub rare_transition: f64,
 }
 
 impl Default for Config {
@@ -111,7 +111,6 @@ impl Default for Config {
             history_buckets: 120,
             threshold: 5.0,
             min_transitions: 500,
-            rare_transition: 0.002,
         }
     }
 }
@@ -120,6 +119,8 @@ impl Default for Config {
 struct Bucket {
     calls: u64,
     errors: u64,
+    /// Calls that reported a duration, and the sum of those durations.
+    timed: u64,
     latency_sum: f64,
     violations: u64,
 }
@@ -132,12 +133,12 @@ pub struct AgentDetector {
     current: Bucket,
     current_start: Option<i64>,
     buckets_seen: usize,
+    /// Buckets closed that held a signal.
+    active_buckets: usize,
     tools: HashSet<String>,
     transitions: HashMap<(String, String), u64>,
     out_of: HashMap<String, u64>,
     last_tool: Option<String>,
-    /// Rare transitions already reported, so a new habit is reported once, not at every call.
-    reported: HashSet<(String, String)>,
 }
 
 impl AgentDetector {
@@ -148,20 +149,31 @@ impl AgentDetector {
             current: Bucket::default(),
             current_start: None,
             buckets_seen: 0,
+            active_buckets: 0,
             tools: HashSet::new(),
             transitions: HashMap::new(),
             out_of: HashMap::new(),
             last_tool: None,
-            reported: HashSet::new(),
         }
     }
 
     fn warm(&self) -> bool {
         self.buckets_seen >= self.cfg.warmup_buckets
+            && self.active_buckets >= self.cfg.warmup_buckets / 2
     }
 
     /// Feeds one signal; returns the anomalies it (or the buckets it closes) reveals.
+    ///
+    /// Signals should come in time order. One older than the open bucket (its minute was
+    /// judged already) is ignored rather than counted in a minute it does not belong to: a
+    /// backlog replayed after an outage must not look like a burst.
     pub fn observe(&mut self, signal: Signal<'_>) -> Vec<Anomaly> {
+        if self
+            .current_start
+            .is_some_and(|start| signal.at_ms() < start)
+        {
+            return Vec::new();
+        }
         let mut found = self.advance(signal.at_ms());
         match signal {
             Signal::Violation { .. } => self.current.violations += 1,
@@ -173,7 +185,10 @@ impl AgentDetector {
             } => {
                 self.current.calls += 1;
                 self.current.errors += u64::from(!success);
-                self.current.latency_sum += duration_ms.max(0.0);
+                if let Some(ms) = duration_ms.filter(|ms| ms.is_finite()) {
+                    self.current.timed += 1;
+                    self.current.latency_sum += ms.max(0.0);
+                }
                 self.learn_sequence(at_ms, tool, &mut found);
             }
         }
@@ -218,6 +233,7 @@ impl AgentDetector {
             self.history.pop_front();
         }
         self.buckets_seen += 1;
+        self.active_buckets += usize::from(b.calls + b.violations > 0);
     }
 
     fn judge_bucket(&self, b: &Bucket, at: i64, found: &mut Vec<Anomaly>) {
@@ -241,13 +257,13 @@ impl AgentDetector {
         let means: Vec<f64> = self
             .history
             .iter()
-            .filter(|h| h.calls > 0)
-            .map(|h| h.latency_sum / h.calls as f64)
+            .filter(|h| h.timed > 0)
+            .map(|h| h.latency_sum / h.timed as f64)
             .collect();
-        if b.calls >= 3 && means.len() >= 5 {
+        if b.timed >= 3 && means.len() >= 5 {
             let (lat_med, lat_mad) = median_mad(&means);
             let lat_sd = (1.4826 * lat_mad).max(0.1 * lat_med).max(1.0);
-            let observed = b.latency_sum / b.calls as f64;
+            let observed = b.latency_sum / b.timed as f64;
             let z = (observed - lat_med) / lat_sd;
             if z > t {
                 found.push(anomaly(
@@ -322,28 +338,25 @@ impl AgentDetector {
             let out = self.out_of.get(&prev).copied().unwrap_or(0);
             let key = (prev, tool.to_owned());
             let seen = self.transitions.get(&key).copied().unwrap_or(0);
-            let p = seen as f64 / out.max(1) as f64;
             // A transition into a new tool is part of the new-tool anomaly, not another one.
-            if warm
-                && !new_tool
-                && out >= self.cfg.min_transitions
-                && p < self.cfg.rare_transition
-                && !self.reported.contains(&key)
-            {
-                // Rarer is more surprising: never seen scores highest.
-                let score = if seen == 0 { 0.55 } else { 0.4 };
+            // Never taken in at least `min_transitions` departures from `prev`: with 500, a
+            // transition that the agent takes even one time in 170 had a 5% chance to stay
+            // unseen. Taken once already, it is part of the agent's repertoire.
+            if warm && !new_tool && seen == 0 && out >= self.cfg.min_transitions {
+                // The more departures without it, the more surprising: 0.5 at the minimum,
+                // approaching 0.8.
+                let score = 0.8 - 0.3 * self.cfg.min_transitions as f64 / out as f64;
                 found.push(Anomaly {
                     kind: AnomalyKind::RareTransition,
                     severity: Severity::of(score),
                     score,
                     description: format!(
-                        "`{}` called right after `{}`, which happened {seen} times in {out} calls after it",
+                        "`{}` called right after `{}`, which never happened in {out} calls after it",
                         key.1, key.0
                     ),
                     detected_at_ms: at,
-                    evidence: json!({"from": key.0, "to": key.1, "baseline_probability": p, "transitions_seen": seen, "transitions_out": out}),
+                    evidence: json!({"from": key.0, "to": key.1, "baseline_probability": 0.0, "transitions_seen": 0, "transitions_out": out}),
                 });
-                self.reported.insert(key.clone());
             }
             *self.transitions.entry(key.clone()).or_insert(0) += 1;
             *self.out_of.entry(key.0).or_insert(0) += 1;
@@ -412,7 +425,7 @@ mod tests {
             out.extend(d.observe(Signal::Call {
                 at_ms: at,
                 tool,
-                duration_ms: latency,
+                duration_ms: Some(latency),
                 success: i >= errors,
             }));
         }
@@ -500,11 +513,88 @@ mod tests {
     }
 
     #[test]
+    fn a_silence_is_no_baseline() {
+        let mut d = AgentDetector::new(Config::default());
+        feed(&mut d, 0, 4, 100.0, 0, "search");
+        // Two hours later: many minutes have passed, but only one of them held anything.
+        assert!(feed(&mut d, 120, 200, 5000.0, 150, "exfiltrate").is_empty());
+        assert!(d.flush(121 * 60_000).is_empty());
+    }
+
+    #[test]
     fn long_silences_are_bounded_work() {
         let mut d = AgentDetector::new(Config::default());
         steady(&mut d, 0..40);
         // A year without signals closes at most a history's worth of buckets.
         let _ = d.flush(40 * 60_000 + 365 * 24 * 3_600_000);
         assert!(d.history.len() <= Config::default().history_buckets);
+    }
+
+    #[test]
+    fn a_replayed_backlog_is_not_a_burst() {
+        let mut d = AgentDetector::new(Config::default());
+        steady(&mut d, 0..40);
+        let _ = d.flush(50 * 60_000);
+        // An hour-old backlog arrives: it belongs to minutes already judged.
+        for i in 0..500 {
+            let late = Signal::Call {
+                at_ms: 20 * 60_000 + i,
+                tool: "search",
+                duration_ms: Some(100.0),
+                success: true,
+            };
+            assert!(d.observe(late).is_empty());
+        }
+        assert!(d.flush(51 * 60_000).is_empty());
+    }
+
+    #[test]
+    fn calls_without_a_duration_leave_latency_alone() {
+        let mut d = AgentDetector::new(Config::default());
+        steady(&mut d, 0..40);
+        for i in 0..22 {
+            let untimed = Signal::Call {
+                at_ms: 40 * 60_000 + i * 1000,
+                tool: "search",
+                duration_ms: None,
+                success: true,
+            };
+            assert!(d.observe(untimed).is_empty());
+        }
+        feed(&mut d, 40, 3, 110.0, 0, "search");
+        assert!(d.flush(41 * 60_000).is_empty());
+        feed(&mut d, 41, 22, 2000.0, 0, "search");
+        let found = d.flush(42 * 60_000);
+        assert_eq!(
+            found.iter().map(|a| a.kind).collect::<Vec<_>>(),
+            vec![AnomalyKind::LatencySpike]
+        );
+    }
+
+    #[test]
+    fn a_transition_never_taken_is_flagged_once() {
+        let mut d = AgentDetector::new(Config::default());
+        let call = |at_ms, tool| Signal::Call {
+            at_ms,
+            tool,
+            duration_ms: Some(100.0),
+            success: true,
+        };
+        // `plan` and `search` alternate: 660 departures from each, never one to itself.
+        for i in 0..1320 {
+            let tool = if i % 2 == 0 { "plan" } else { "search" };
+            assert!(d.observe(call(i * 2_500, tool)).is_empty());
+        }
+        // The last call was `search`: `search` again is new.
+        let at = 1320 * 2_500;
+        let found = d.observe(call(at, "search"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].kind, AnomalyKind::RareTransition);
+        assert_eq!(found[0].evidence["transitions_out"], 659);
+        assert!((0.5..0.8).contains(&found[0].score));
+        // Taken once, it is known.
+        assert!(d.observe(call(at + 1, "plan")).is_empty());
+        assert!(d.observe(call(at + 2, "search")).is_empty());
+        assert!(d.observe(call(at + 3, "search")).is_empty());
     }
 }

@@ -49,7 +49,7 @@ impl Event {
             } => Signal::Call {
                 at_ms: *at_ms,
                 tool,
-                duration_ms: *duration_ms,
+                duration_ms: Some(*duration_ms),
                 success: *success,
             },
             Event::Violation { at_ms, .. } => Signal::Violation { at_ms: *at_ms },

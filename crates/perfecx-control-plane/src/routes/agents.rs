@@ -207,6 +207,12 @@ pub async fn remove(
     agent_id_in_path(&agent_id)?;
     if state.store().delete_agent(&agent_id).await? {
         state.hub().close(&agent_id);
+        state.monitor().forget(&agent_id).await;
+        state
+            .announce(crate::relay::Note::Deleted {
+                agent_id: agent_id.clone(),
+            })
+            .await;
         Ok(StatusCode::NO_CONTENT)
     } else {
         Err(no_agent(&agent_id))

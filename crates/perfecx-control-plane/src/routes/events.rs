@@ -15,8 +15,9 @@ use serde_json::{Map, Value};
 use crate::auth::Principal;
 use crate::error::{ApiError, ApiPath, ApiResult, parse_json, read_body};
 use crate::ratelimit::Class;
+use crate::relay::Note;
 use crate::state::AppState;
-use crate::store::{EventRow, now_ms};
+use crate::store::{EventRow, now_ms, rollups};
 
 /// Largest request body: a full batch of moderately sized events.
 pub const MAX_EVENTS_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -108,16 +109,31 @@ fn to_row(event: NewEvent, field: &str, now: i64) -> ApiResult<EventRow> {
             .and_then(Value::as_str)
             .map(str::to_string)
     };
-    let tool = text("tool");
+    let tool = event
+        .data
+        .get("tool")
+        .and_then(Value::as_str)
+        .map(|t| rollups::tool_key(t).to_string());
     let rule = text("rule");
-    let duration_ms = event.data.get("duration_ms").and_then(|v| {
-        v.as_i64().or_else(|| {
-            v.as_f64()
-                .filter(|f| f.is_finite())
-                .map(|f| f.round() as i64)
+    let action = text("action");
+    let duration_ms = event
+        .data
+        .get("duration_ms")
+        .and_then(|v| {
+            v.as_i64().or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.is_finite())
+                    .map(|f| f.round().clamp(i64::MIN as f64, i64::MAX as f64) as i64)
+            })
         })
-    });
-    let success = event.data.get("success").and_then(Value::as_bool);
+        .map(|ms| ms.clamp(0, rollups::MAX_DURATION_MS));
+    // An MCP result with `isError: true` is a failed call, whatever `success` says.
+    let is_error = event.data.get("isError").and_then(Value::as_bool) == Some(true);
+    let success = if is_error {
+        Some(false)
+    } else {
+        event.data.get("success").and_then(Value::as_bool)
+    };
     let data = serde_json::to_string(&event.data).map_err(ApiError::internal)?;
     let context = serde_json::to_string(&event.context).map_err(ApiError::internal)?;
     let size = data.len() + context.len();
@@ -136,6 +152,7 @@ fn to_row(event: NewEvent, field: &str, now: i64) -> ApiResult<EventRow> {
         ts,
         tool,
         rule,
+        action,
         duration_ms,
         success,
         data,
@@ -164,16 +181,6 @@ pub async fn ingest(
         Some(EventType::Error) => "error",
         _ => "active",
     };
-    // Watchers of this agent get its violations as they arrive.
-    let violations: Vec<Value> = if state.hub().is_watched(&agent_id) {
-        events
-            .iter()
-            .filter(|e| e.event_type == EventType::PolicyViolation)
-            .map(|e| Value::Object(e.data.clone()))
-            .collect()
-    } else {
-        Vec::new()
-    };
     let rows = events
         .into_iter()
         .enumerate()
@@ -189,23 +196,43 @@ pub async fn ingest(
     let received = rows.len() as u64;
     // Valid events count one by one against the quota; a refused request takes nothing.
     let quota = state.rate_limit(&who, Class::Events, received)?;
-    let stored = state
+    let new = state
         .store()
         .insert_events(&agent_id, rows, status, now)
         .await?;
-    for data in violations {
-        state
-            .hub()
-            .publish(&agent_id, ServerMessage::PolicyViolation(data));
-    }
+    let stored = new.len() as u64;
     state.telemetry().events_accepted.inc_by(stored);
     state.telemetry().events_duplicate.inc_by(received - stored);
+    publish_violations(&state, &agent_id, &new).await;
+    state.monitor().observe(&agent_id, &new).await;
     let answer = EventsAccepted {
         received,
         stored,
         duplicates: received - stored,
     };
     Ok((StatusCode::ACCEPTED, quota, Json(answer)))
+}
+
+/// Sends the newly stored violations to the agent's watchers, here and on other replicas.
+async fn publish_violations(state: &AppState, agent_id: &str, new: &[EventRow]) {
+    let violations = || new.iter().filter(|e| e.event_type == "policy_violation");
+    if violations().next().is_none() {
+        return;
+    }
+    if state.hub().is_watched(agent_id) {
+        for event in violations() {
+            let data = serde_json::from_str(&event.data).unwrap_or(Value::Null);
+            state
+                .hub()
+                .publish(agent_id, ServerMessage::PolicyViolation(data));
+        }
+    }
+    state
+        .announce(Note::Violations {
+            agent_id: agent_id.to_string(),
+            event_ids: violations().map(|e| e.event_id.clone()).collect(),
+        })
+        .await;
 }
 
 #[cfg(test)]
@@ -245,6 +272,21 @@ mod tests {
         assert_eq!(row.tool.as_deref(), Some("web_search"));
         assert_eq!(row.duration_ms, Some(1250));
         assert_eq!(row.success, Some(true));
+        let event: NewEvent = serde_json::from_value(serde_json::json!({
+            "event_type": "tool_execution",
+            "data": {"tool": "t".repeat(300), "duration_ms": -5, "success": true, "isError": true}
+        }))
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let row = to_row(event, "", 0).unwrap_or_else(|e| unreachable!("{e:?}"));
+        assert_eq!(row.tool.map(|t| t.len()), Some(rollups::MAX_TOOL_CHARS));
+        assert_eq!(row.duration_ms, Some(0));
+        assert_eq!(row.success, Some(false));
+        let event: NewEvent = serde_json::from_value(serde_json::json!({
+            "event_type": "tool_execution", "data": {"duration_ms": 1e300}
+        }))
+        .unwrap_or_else(|e| unreachable!("{e}"));
+        let row = to_row(event, "", 0).unwrap_or_else(|e| unreachable!("{e:?}"));
+        assert_eq!(row.duration_ms, Some(rollups::MAX_DURATION_MS));
         let bad: NewEvent = serde_json::from_value(serde_json::json!({
             "event_type": "custom", "timestamp": "yesterday"
         }))

@@ -123,7 +123,7 @@ pub async fn update(
     let stored = state.store().update_policy(&policy_id, &policy).await?;
     let stored = stored.ok_or_else(|| no_policy(&policy_id))?;
     let agents = state.store().agents_with_policy(&policy_id).await?;
-    push_bundles(&state, &agents).await;
+    publish_bundles(&state, &agents).await;
     Ok((quota, Json(stored.record)))
 }
 
@@ -138,7 +138,7 @@ pub async fn remove(
     let quota = state.rate_limit(&who, Class::Policies, 1)?;
     let agents = state.store().agents_with_policy(&policy_id).await?;
     if state.store().delete_policy(&policy_id).await? {
-        push_bundles(&state, &agents).await;
+        publish_bundles(&state, &agents).await;
         Ok((quota, StatusCode::NO_CONTENT))
     } else {
         Err(no_policy(&policy_id))
@@ -181,7 +181,7 @@ pub async fn apply(
     store
         .attach_policies(&agent_id, &request.policy_ids)
         .await?;
-    push_bundles(&state, std::slice::from_ref(&agent_id)).await;
+    publish_bundles(&state, std::slice::from_ref(&agent_id)).await;
     let policies = store
         .agent_policies(&agent_id)
         .await?
@@ -231,7 +231,7 @@ pub async fn detach(
     who.require(Scope::Write)?;
     let quota = state.rate_limit(&who, Class::Policies, 1)?;
     if state.store().detach_policy(&agent_id, &policy_id).await? {
-        push_bundles(&state, std::slice::from_ref(&agent_id)).await;
+        publish_bundles(&state, std::slice::from_ref(&agent_id)).await;
         Ok((quota, StatusCode::NO_CONTENT))
     } else {
         Err(ApiError::not_found(format!(
@@ -295,8 +295,19 @@ pub async fn build_bundle(state: &AppState, agent_id: &str) -> ApiResult<PolicyB
     })
 }
 
-/// Sends the current bundle to the watchers of each agent (their sidecars).
-async fn push_bundles(state: &AppState, agent_ids: &[String]) {
+/// Sends the current bundle to the watchers of each agent (their sidecars), here and, through
+/// the relay, on the other replicas.
+async fn publish_bundles(state: &AppState, agent_ids: &[String]) {
+    push_bundles(state, agent_ids).await;
+    state
+        .announce(crate::relay::Note::Bundles {
+            agent_ids: agent_ids.to_vec(),
+        })
+        .await;
+}
+
+/// Sends the current bundle to this replica's watchers of each agent.
+pub async fn push_bundles(state: &AppState, agent_ids: &[String]) {
     for agent_id in agent_ids {
         if !state.hub().is_watched(agent_id) {
             continue;

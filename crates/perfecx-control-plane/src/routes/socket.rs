@@ -1,9 +1,17 @@
-//! The WebSocket at `/agents/{agent_id}`: the first message is `{"type": "auth", "token": ...}`
-//! (that agent's token, or an API key with `read`); then the server sends
-//! `{"type": ..., "data": ...}` messages: the agent's policy bundle at once and whenever it
-//! changes, and each `policy_violation` it reports. Deleting the agent closes its sockets.
+//! The WebSocket at `/agents/{agent_id}`.
 //!
-//! Messages reach the sockets of this process; replicas do not relay them to each other yet.
+//! - The first message must be `{"type": "auth", "token": ...}` (that agent's token, or an API
+//!   key with `read`), within `auth_timeout` (10 s); otherwise the socket is closed with code
+//!   1008 (policy violation) and a reason.
+//! - Then the server sends `{"type": ..., "data": ...}`: `policy_bundle` at once and whenever
+//!   the agent's policies change, `policy_violation` for each violation it reports,
+//!   `anomaly_detected` for each anomaly found in its behaviour, and `metrics_update` (the last
+//!   hour, in the metrics shape) at once and every `metrics_interval` (5 s).
+//! - The server pings every `ping_interval` (20 s); a client that sends nothing, not even a
+//!   pong, for three intervals is dropped.
+//! - A client too slow to read loses its oldest messages beyond `buffer` (256) and is then
+//!   sent `{"type": "lagged", "data": {"dropped": N}}`; nobody else waits for it.
+//! - Deleting the agent closes its sockets (code 1000).
 
 use std::time::Duration;
 
@@ -14,13 +22,13 @@ use axum::response::Response;
 use axum::routing::get;
 use perfecx_api::{ClientMessage, Scope, ServerMessage};
 use tokio::sync::broadcast::error::RecvError;
+use tokio::time::{Instant, MissedTickBehavior};
 
+use super::metrics::{HOUR_MS, compute};
 use crate::auth::authenticate;
 use crate::error::ApiPath;
 use crate::state::AppState;
-
-/// How long a client may take to send its auth message.
-const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::store::now_ms;
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/agents/{agent_id}", get(upgrade))
@@ -34,7 +42,7 @@ async fn upgrade(
     ws.on_upgrade(move |socket| serve(state, agent_id, socket))
 }
 
-async fn refuse(mut socket: WebSocket, code: u16, reason: String) {
+async fn close(mut socket: WebSocket, code: u16, reason: &str) {
     let frame = CloseFrame {
         code,
         reason: reason.into(),
@@ -42,38 +50,42 @@ async fn refuse(mut socket: WebSocket, code: u16, reason: String) {
     let _ = socket.send(Message::Close(Some(frame))).await;
 }
 
-async fn serve(state: AppState, agent_id: String, mut socket: WebSocket) {
-    let token = match tokio::time::timeout(AUTH_TIMEOUT, socket.recv()).await {
+/// The token of the first message, or why there is none.
+async fn auth_token(state: &AppState, socket: &mut WebSocket) -> Result<String, String> {
+    let first = tokio::time::timeout(state.websocket().auth_timeout, socket.recv()).await;
+    match first {
+        Err(_) => Err("no auth message in time".into()),
         Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<ClientMessage>(&text) {
-            Ok(ClientMessage::Auth { token }) => token,
-            Err(e) => {
-                let reason =
-                    format!("the first message must be {{\"type\":\"auth\",\"token\":...}}: {e}");
-                return refuse(socket, close_code::POLICY, reason).await;
-            }
+            Ok(ClientMessage::Auth { token }) => Ok(token),
+            Err(e) => Err(format!(
+                "the first message must be {{\"type\":\"auth\",\"token\":...}}: {e}"
+            )),
         },
-        _ => {
-            return refuse(
-                socket,
-                close_code::POLICY,
-                "expected an auth message".into(),
-            )
-            .await;
-        }
+        Ok(_) => Err("the first message must be a text auth message".into()),
+    }
+}
+
+/// A close reason must fit a control frame (123 bytes).
+fn short(reason: &str) -> &str {
+    let mut end = reason.len().min(120);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
+}
+
+async fn serve(state: AppState, agent_id: String, mut socket: WebSocket) {
+    let token = match auth_token(&state, &mut socket).await {
+        Ok(token) => token,
+        Err(reason) => return close(socket, close_code::POLICY, short(&reason)).await,
     };
     let allowed = match authenticate(&state, &token).await {
-        Ok(who) => who
-            .require_agent(&agent_id, Scope::Read)
-            .map_err(|e| format!("{e:?}")),
-        Err(e) => Err(format!("{e:?}")),
+        Ok(who) => who.require_agent(&agent_id, Scope::Read).is_ok(),
+        Err(_) => false,
     };
-    if allowed.is_err() {
-        return refuse(
-            socket,
-            close_code::POLICY,
-            "not allowed to watch this agent".into(),
-        )
-        .await;
+    if !allowed {
+        let reason = "not allowed to watch this agent";
+        return close(socket, close_code::POLICY, reason).await;
     }
     // Subscribe before reading the bundle, so that no change falls between the two.
     let mut messages = state.hub().subscribe(&agent_id);
@@ -86,24 +98,57 @@ async fn serve(state: AppState, agent_id: String, mut socket: WebSocket) {
                 return;
             }
         }
-        Err(_) => return refuse(socket, close_code::POLICY, "no such agent".into()).await,
+        Err(_) => return close(socket, close_code::POLICY, "no such agent").await,
     }
+    let settings = state.websocket().clone();
+    let at_least = |d: Duration| d.max(Duration::from_millis(10));
+    let mut metrics = tokio::time::interval(at_least(settings.metrics_interval));
+    metrics.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let ping_every = at_least(settings.ping_interval);
+    let mut pings = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
+    pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut heard = Instant::now();
     loop {
         tokio::select! {
-            message = messages.recv() => match message {
-                Ok(message) => {
-                    if send(&mut socket, &message).await.is_err() {
-                        return;
+            message = messages.recv() => {
+                let message = match message {
+                    Ok(message) => message,
+                    Err(RecvError::Lagged(dropped)) => {
+                        state.telemetry().socket_messages_dropped.inc_by(dropped);
+                        ServerMessage::Lagged { dropped }
                     }
+                    Err(RecvError::Closed) => {
+                        return close(socket, close_code::NORMAL, "the agent was deleted").await;
+                    }
+                };
+                if send(&mut socket, &message).await.is_err() {
+                    return;
                 }
-                Err(RecvError::Lagged(_)) => continue,
-                Err(RecvError::Closed) => {
-                    return refuse(socket, close_code::NORMAL, "the agent was deleted".into()).await;
+            }
+            _ = metrics.tick() => {
+                let end = now_ms();
+                let update = match compute(&state, agent_id.clone(), end - HOUR_MS, end).await {
+                    Ok(update) => update,
+                    Err(e) => {
+                        tracing::warn!(agent_id, error = ?e, "cannot compute a metrics update");
+                        continue;
+                    }
+                };
+                if send(&mut socket, &ServerMessage::MetricsUpdate(update)).await.is_err() {
+                    return;
                 }
-            },
+            }
+            _ = pings.tick() => {
+                if heard.elapsed() > 3 * ping_every {
+                    return close(socket, close_code::AWAY, "no answer to pings").await;
+                }
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+            }
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
-                Some(Ok(_)) => {}
+                Some(Ok(_)) => heard = Instant::now(),
             },
         }
     }

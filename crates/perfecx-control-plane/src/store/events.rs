@@ -2,26 +2,31 @@
 
 use std::sync::Arc;
 
-use sqlx::{Any, AnyPool, Transaction};
+use sqlx::{Any, AnyPool, Row, Transaction};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use super::{Store, StoreError, StoreResult, placeholders};
+use super::{Store, StoreError, StoreResult, placeholders, rollups};
 
 /// One validated event, ready to store.
+#[derive(Debug, Clone)]
 pub struct EventRow {
     pub event_id: String,
     pub event_type: &'static str,
     pub ts: i64,
+    /// At most [`rollups::MAX_TOOL_CHARS`] characters.
     pub tool: Option<String>,
     pub rule: Option<String>,
+    pub action: Option<String>,
+    /// Clamped to `0..=`[`rollups::MAX_DURATION_MS`].
     pub duration_ms: Option<i64>,
+    /// `false` for a failed call, `success: false` or `isError: true`.
     pub success: Option<bool>,
     pub data: String,
     pub context: String,
 }
 
 /// Values bound per event row.
-const BINDS_PER_ROW: usize = 11;
+const BINDS_PER_ROW: usize = 12;
 /// Rows per INSERT, well under SQLite's and PostgreSQL's bound-parameter limits.
 const ROWS_PER_INSERT: usize = 250;
 /// Most batches one SQLite commit takes from the queue.
@@ -33,7 +38,20 @@ pub(super) struct EventJob {
     rows: Vec<EventRow>,
     status: &'static str,
     received_at: i64,
-    done: oneshot::Sender<StoreResult<u64>>,
+    done: oneshot::Sender<StoreResult<Vec<EventRow>>>,
+}
+
+/// The rows at `new` (ascending), in order.
+fn keep(rows: Vec<EventRow>, new: &[usize]) -> Vec<EventRow> {
+    if new.len() == rows.len() {
+        return rows;
+    }
+    let mut wanted = new.iter().peekable();
+    rows.into_iter()
+        .enumerate()
+        .filter(|(i, _)| wanted.next_if_eq(&i).is_some())
+        .map(|(_, row)| row)
+        .collect()
 }
 
 pub(super) type EventQueue = mpsc::Sender<EventJob>;
@@ -63,7 +81,7 @@ pub(super) fn spawn_writer(pool: AnyPool, gate: Arc<Mutex<()>>) -> EventQueue {
                         results.push(
                             commit_group(&pool, std::slice::from_ref(job))
                                 .await
-                                .and_then(|mut r| r.pop().unwrap_or_else(|| Ok(0))),
+                                .and_then(|mut r| r.pop().unwrap_or_else(|| Ok(Vec::new()))),
                         );
                     }
                     results
@@ -71,15 +89,19 @@ pub(super) fn spawn_writer(pool: AnyPool, gate: Arc<Mutex<()>>) -> EventQueue {
             };
             for (job, result) in group.into_iter().zip(results) {
                 // The requester may have gone away; its events are stored all the same.
-                let _ = job.done.send(result);
+                let _ = job.done.send(result.map(|new| keep(job.rows, &new)));
             }
         }
     });
     queue
 }
 
-/// One transaction over several requests. `Err` when the transaction itself failed.
-async fn commit_group(pool: &AnyPool, group: &[EventJob]) -> StoreResult<Vec<StoreResult<u64>>> {
+/// One transaction over several requests, each answered with the positions of its new rows.
+/// `Err` when the transaction itself failed.
+async fn commit_group(
+    pool: &AnyPool,
+    group: &[EventJob],
+) -> StoreResult<Vec<StoreResult<Vec<usize>>>> {
     let mut tx = pool.begin().await?;
     let mut results = Vec::with_capacity(group.len());
     for job in group {
@@ -100,7 +122,8 @@ async fn commit_group(pool: &AnyPool, group: &[EventJob]) -> StoreResult<Vec<Sto
     Ok(results)
 }
 
-/// Touches the agent, then inserts its events, skipping ids already stored.
+/// Touches the agent, then inserts its events, skipping ids already stored, and adds the new
+/// ones to the rollups. Returns the positions of the new ones.
 ///
 /// `anonymous` writes `?` placeholders, for SQLite: numbered ones make sqlx ask SQLite for
 /// each parameter's name, a linear search per parameter that took a fifth of the CPU time of
@@ -112,7 +135,7 @@ async fn write_events(
     status: &str,
     received_at: i64,
     anonymous: bool,
-) -> StoreResult<u64> {
+) -> StoreResult<Vec<usize>> {
     let missing = || format!("agent `{agent_id}` does not exist");
     // Touch the agent first: it fails on a deleted agent before any insert, and it takes
     // PostgreSQL's row lock so that a concurrent delete waits for this batch.
@@ -126,23 +149,23 @@ async fn write_events(
     if touched.rows_affected() == 0 {
         return Err(StoreError::Missing(missing()));
     }
-    let mut stored = 0;
-    for chunk in events.chunks(ROWS_PER_INSERT) {
+    let mut new = Vec::with_capacity(events.len());
+    for (number, chunk) in events.chunks(ROWS_PER_INSERT).enumerate() {
         let mut sql = String::from(
             "INSERT INTO events (agent_id, event_id, event_type, ts, received_at, tool, rule, \
-             duration_ms, success, data, context) VALUES ",
+             action, duration_ms, success, data, context) VALUES ",
         );
         for i in 0..chunk.len() {
             if i > 0 {
                 sql.push_str(", ");
             }
             if anonymous {
-                sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
+                sql.push_str("(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)");
             } else {
                 sql.push_str(&placeholders(1 + i * BINDS_PER_ROW, BINDS_PER_ROW));
             }
         }
-        sql.push_str(" ON CONFLICT (agent_id, event_id) DO NOTHING");
+        sql.push_str(" ON CONFLICT (agent_id, event_id) DO NOTHING RETURNING event_id");
         let mut query = sqlx::query(&sql);
         for event in chunk {
             query = query
@@ -153,31 +176,49 @@ async fn write_events(
                 .bind(received_at)
                 .bind(&event.tool)
                 .bind(&event.rule)
+                .bind(&event.action)
                 .bind(event.duration_ms)
                 .bind(event.success.map(i64::from))
                 .bind(&event.data)
                 .bind(&event.context);
         }
-        let done = query
-            .execute(&mut **tx)
+        let inserted = query
+            .fetch_all(&mut **tx)
             .await
             .map_err(|e| super::constraint(e, || "event already stored".into(), missing))?;
-        stored += done.rows_affected();
+        let first = number * ROWS_PER_INSERT;
+        if inserted.len() == chunk.len() {
+            new.extend(first..first + chunk.len());
+        } else {
+            // Some were stored before (a resend), or twice in this batch: keep the first of
+            // each id that this statement inserted.
+            let mut ids = std::collections::HashSet::with_capacity(inserted.len());
+            for row in &inserted {
+                ids.insert(row.try_get::<String, _>("event_id")?);
+            }
+            for (i, event) in chunk.iter().enumerate() {
+                if ids.remove(&event.event_id) {
+                    new.push(first + i);
+                }
+            }
+        }
     }
-    Ok(stored)
+    let rows: Vec<&EventRow> = new.iter().filter_map(|i| events.get(*i)).collect();
+    rollups::write(tx, agent_id, &rows, anonymous).await?;
+    Ok(new)
 }
 
 impl Store {
-    /// Stores the events of one agent atomically, skipping ids already stored, and records
-    /// what the agent reported last as its status. Returns how many were new. Answers only
-    /// once the events are committed.
+    /// Stores the events of one agent atomically, skipping ids already stored, with their
+    /// rollups, and records what the agent reported last as its status. Returns the events
+    /// that were new, in order. Answers only once the events are committed.
     pub async fn insert_events(
         &self,
         agent_id: &str,
         events: Vec<EventRow>,
         status: &'static str,
         received_at: i64,
-    ) -> StoreResult<u64> {
+    ) -> StoreResult<Vec<EventRow>> {
         if let Some(queue) = &self.event_queue {
             let (done, answer) = oneshot::channel();
             let job = EventJob {
@@ -192,9 +233,9 @@ impl Store {
             return answer.await.map_err(|_| gone())?;
         }
         let mut tx = self.pool.begin().await?;
-        let stored = write_events(&mut tx, agent_id, &events, status, received_at, false).await?;
+        let new = write_events(&mut tx, agent_id, &events, status, received_at, false).await?;
         tx.commit().await?;
-        Ok(stored)
+        Ok(keep(events, &new))
     }
 
     /// Deletes events older than `before` (by their timestamp), a chunk per transaction so
@@ -219,8 +260,55 @@ impl Store {
         }
     }
 
+    /// Deletes rollups of minutes that ended by `before`, and anomalies detected before it.
+    pub async fn prune_rollups_and_anomalies(&self, before: i64) -> StoreResult<u64> {
+        let _gate = self.write_lock().await;
+        let mut deleted = 0;
+        for sql in [
+            "DELETE FROM metric_minutes WHERE minute <= $1",
+            "DELETE FROM metric_minutes_tools WHERE minute <= $1",
+        ] {
+            let done = sqlx::query(sql)
+                .bind(before - 60_000)
+                .execute(&self.pool)
+                .await?;
+            deleted += done.rows_affected();
+        }
+        let done = sqlx::query("DELETE FROM anomalies WHERE detected_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(deleted + done.rows_affected())
+    }
+
+    /// The `data` of the agent's events with these ids, in the order of `ids` (missing ones
+    /// left out).
+    pub async fn event_data(
+        &self,
+        agent_id: &str,
+        ids: &[String],
+    ) -> StoreResult<Vec<serde_json::Value>> {
+        let mut found = std::collections::HashMap::with_capacity(ids.len());
+        for chunk in ids.chunks(ROWS_PER_INSERT) {
+            let list: Vec<String> = (0..chunk.len()).map(|i| format!("${}", i + 2)).collect();
+            let sql = format!(
+                "SELECT event_id, data FROM events WHERE agent_id = $1 AND event_id IN ({})",
+                list.join(", ")
+            );
+            let mut query = sqlx::query(&sql).bind(agent_id);
+            for id in chunk {
+                query = query.bind(id);
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                let data: String = row.try_get("data")?;
+                let value = serde_json::from_str(&data).unwrap_or(serde_json::Value::Null);
+                found.insert(row.try_get::<String, _>("event_id")?, value);
+            }
+        }
+        Ok(ids.iter().filter_map(|id| found.remove(id)).collect())
+    }
+
     pub async fn count_events(&self, agent_id: &str) -> StoreResult<u64> {
-        use sqlx::Row;
         let row = sqlx::query("SELECT COUNT(*) AS n FROM events WHERE agent_id = $1")
             .bind(agent_id)
             .fetch_one(&self.pool)

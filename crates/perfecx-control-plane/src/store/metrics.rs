@@ -1,57 +1,74 @@
-//! Counts over stored events and anomalies, for the metrics and anomalies endpoints.
+//! Metrics over a time range: whole minutes from the rollups, the partial minutes at either
+//! end from the events themselves, so that the answer is exact for any range and reads at
+//! most a row per minute plus two minutes of events.
 
-use perfecx_api::Anomaly;
 use sqlx::Row;
+use sqlx::any::AnyRow;
 
-use super::{Store, StoreResult, rfc3339};
+use super::rollups::{
+    Alike, BUCKETS, LATENCY_BOUNDS_MS, ToolCounts, Totals, counts_from, minute_columns, minute_of,
+};
+use super::{Store, StoreResult};
 
-/// What the events of one agent in a time range add up to.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct EventCounts {
-    pub tool_executions: u64,
-    pub failed_tool_executions: u64,
-    pub average_duration_ms: Option<f64>,
-    pub policy_violations: u64,
-    pub tool_restriction_violations: u64,
-    pub content_filter_violations: u64,
-    pub memory_protection_violations: u64,
-    pub max_anomaly_score: Option<f64>,
+const MINUTE_MS: i64 = 60_000;
+
+fn count(row: &AnyRow, column: &str) -> StoreResult<u64> {
+    let n: Option<i64> = row.try_get(column)?;
+    Ok(n.map_or(0, |n| u64::try_from(n).unwrap_or(0)))
 }
 
-fn count(row: &sqlx::any::AnyRow, column: &str) -> StoreResult<u64> {
-    Ok(u64::try_from(row.try_get::<i64, _>(column)?).unwrap_or(0))
+/// `CASE WHEN duration_ms IS NULL THEN -1 WHEN duration_ms < 1 THEN 0 ... ELSE 36 END`.
+fn bucket_sql() -> String {
+    let mut sql = String::from("CASE WHEN duration_ms IS NULL THEN -1");
+    for (i, bound) in LATENCY_BOUNDS_MS.iter().enumerate() {
+        sql.push_str(&format!(" WHEN duration_ms < {bound} THEN {i}"));
+    }
+    sql.push_str(&format!(" ELSE {} END", BUCKETS - 1));
+    sql
 }
 
 impl Store {
-    /// Counts over `[start, end)` in milliseconds.
-    pub async fn event_counts(
+    /// What the agent's tool executions and violations in `[start, end)` (milliseconds) add
+    /// up to, overall and per tool, read in one snapshot.
+    pub async fn metric_totals(&self, agent_id: &str, start: i64, end: i64) -> StoreResult<Totals> {
+        let mut totals = Totals::default();
+        if start >= end {
+            return Ok(totals);
+        }
+        let mut tx = self.pool.begin().await?;
+        if self.is_postgres() {
+            // PostgreSQL: one snapshot for the several statements below (SQLite's read
+            // transaction is one already).
+            sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+                .execute(&mut *tx)
+                .await?;
+        }
+        // Whole minutes: from the first minute that starts at or after `start` to the last
+        // that ends at or before `end`.
+        let first = minute_of(start + MINUTE_MS - 1);
+        let last = minute_of(end);
+        if first < last {
+            totals.merge(rollup_totals(&mut tx, agent_id, first, last).await?);
+            for (from, to) in [(start, first), (last, end)] {
+                if from < to {
+                    totals.merge(event_totals(&mut tx, agent_id, from, to).await?);
+                }
+            }
+        } else {
+            totals.merge(event_totals(&mut tx, agent_id, start, end).await?);
+        }
+        tx.commit().await?;
+        Ok(totals)
+    }
+
+    /// The highest score of the agent's anomalies detected in `[start, end)`.
+    pub async fn max_anomaly_score(
         &self,
         agent_id: &str,
         start: i64,
         end: i64,
-    ) -> StoreResult<EventCounts> {
-        // COUNT(CASE ...) rather than FILTER or SUM: portable, and always an integer.
+    ) -> StoreResult<Option<f64>> {
         let row = sqlx::query(
-            "SELECT \
-               COUNT(CASE WHEN event_type = 'tool_execution' THEN 1 END) AS tool_executions, \
-               COUNT(CASE WHEN event_type = 'tool_execution' AND success = 0 THEN 1 END) AS failed, \
-               CAST(AVG(CASE WHEN event_type = 'tool_execution' THEN duration_ms END) \
-                    AS DOUBLE PRECISION) AS average_duration, \
-               COUNT(CASE WHEN event_type = 'policy_violation' THEN 1 END) AS violations, \
-               COUNT(CASE WHEN event_type = 'policy_violation' AND rule = 'tool_restriction' \
-                     THEN 1 END) AS tool_restriction, \
-               COUNT(CASE WHEN event_type = 'policy_violation' AND rule = 'content_filter' \
-                     THEN 1 END) AS content_filter, \
-               COUNT(CASE WHEN event_type = 'policy_violation' AND rule = 'memory_protection' \
-                     THEN 1 END) AS memory_protection \
-             FROM events WHERE agent_id = $1 AND ts >= $2 AND ts < $3",
-        )
-        .bind(agent_id)
-        .bind(start)
-        .bind(end)
-        .fetch_one(&self.pool)
-        .await?;
-        let anomaly = sqlx::query(
             "SELECT CAST(MAX(score) AS DOUBLE PRECISION) AS score FROM anomalies \
              WHERE agent_id = $1 AND detected_at >= $2 AND detected_at < $3",
         )
@@ -60,53 +77,107 @@ impl Store {
         .bind(end)
         .fetch_one(&self.pool)
         .await?;
-        Ok(EventCounts {
-            tool_executions: count(&row, "tool_executions")?,
-            failed_tool_executions: count(&row, "failed")?,
-            average_duration_ms: row.try_get("average_duration")?,
-            policy_violations: count(&row, "violations")?,
-            tool_restriction_violations: count(&row, "tool_restriction")?,
-            content_filter_violations: count(&row, "content_filter")?,
-            memory_protection_violations: count(&row, "memory_protection")?,
-            max_anomaly_score: anomaly.try_get("score")?,
-        })
+        Ok(row.try_get("score")?)
     }
+}
 
-    /// Anomalies of one agent, newest first, and their total.
-    pub async fn list_anomalies(
-        &self,
-        agent_id: &str,
-        limit: u32,
-        offset: u64,
-    ) -> StoreResult<(Vec<Anomaly>, u64)> {
-        let total: i64 = sqlx::query("SELECT COUNT(*) AS n FROM anomalies WHERE agent_id = $1")
-            .bind(agent_id)
-            .fetch_one(&self.pool)
-            .await?
-            .try_get("n")?;
-        let rows = sqlx::query(
-            "SELECT anomaly_id, anomaly_type, score, description, details, detected_at \
-             FROM anomalies WHERE agent_id = $1 \
-             ORDER BY detected_at DESC, anomaly_id LIMIT $2 OFFSET $3",
-        )
-        .bind(agent_id)
-        .bind(i64::from(limit))
-        .bind(i64::try_from(offset).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
-        .await?;
-        let mut anomalies = Vec::with_capacity(rows.len());
-        for row in rows {
-            let details: String = row.try_get("details")?;
-            anomalies.push(Anomaly {
-                anomaly_id: row.try_get("anomaly_id")?,
-                agent_id: agent_id.to_string(),
-                anomaly_type: row.try_get("anomaly_type")?,
-                score: row.try_get("score")?,
-                description: row.try_get("description")?,
-                detected_at: rfc3339(row.try_get("detected_at")?),
-                details: serde_json::from_str(&details).unwrap_or(serde_json::Value::Null),
-            });
-        }
-        Ok((anomalies, u64::try_from(total).unwrap_or(0)))
+/// The rollups of the minutes in `[first, last)`.
+async fn rollup_totals(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    agent_id: &str,
+    first: i64,
+    last: i64,
+) -> StoreResult<Totals> {
+    let columns = minute_columns();
+    let sums = columns
+        .iter()
+        .map(|c| format!("CAST(SUM({c}) AS BIGINT) AS {c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let row = sqlx::query(&format!(
+        "SELECT {sums} FROM metric_minutes WHERE agent_id = $1 AND minute >= $2 AND minute < $3"
+    ))
+    .bind(agent_id)
+    .bind(first)
+    .bind(last)
+    .fetch_one(&mut **tx)
+    .await?;
+    let mut values = Vec::with_capacity(columns.len());
+    for c in &columns {
+        values.push(row.try_get::<Option<i64>, _>(c.as_str())?.unwrap_or(0));
     }
+    let mut totals = Totals {
+        counts: counts_from(&values),
+        ..Totals::default()
+    };
+    let rows = sqlx::query(
+        "SELECT tool, CAST(SUM(requests) AS BIGINT) AS requests, \
+           CAST(SUM(errors) AS BIGINT) AS errors, CAST(SUM(timed) AS BIGINT) AS timed, \
+           CAST(SUM(latency_sum) AS BIGINT) AS latency_sum, \
+           CAST(SUM(violations) AS BIGINT) AS violations \
+         FROM metric_minutes_tools WHERE agent_id = $1 AND minute >= $2 AND minute < $3 \
+         GROUP BY tool",
+    )
+    .bind(agent_id)
+    .bind(first)
+    .bind(last)
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in rows {
+        let tool: String = row.try_get("tool")?;
+        let counts = ToolCounts {
+            requests: count(&row, "requests")?,
+            errors: count(&row, "errors")?,
+            timed: count(&row, "timed")?,
+            latency_sum: row.try_get::<Option<i64>, _>("latency_sum")?.unwrap_or(0),
+            violations: count(&row, "violations")?,
+        };
+        totals.tools.insert(tool, counts);
+    }
+    Ok(totals)
+}
+
+/// Counted from the events in `[from, to)`, grouped in SQL by everything that matters.
+async fn event_totals(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    agent_id: &str,
+    from: i64,
+    to: i64,
+) -> StoreResult<Totals> {
+    let sql = format!(
+        "SELECT COALESCE(tool, '') AS tool, event_type, rule, action, success, \
+           {bucket} AS bucket, COUNT(*) AS n, CAST(SUM(duration_ms) AS BIGINT) AS total \
+         FROM events WHERE agent_id = $1 AND ts >= $2 AND ts < $3 \
+           AND event_type IN ('tool_execution', 'policy_violation') \
+         GROUP BY 1, 2, 3, 4, 5, 6",
+        bucket = bucket_sql()
+    );
+    let rows = sqlx::query(&sql)
+        .bind(agent_id)
+        .bind(from)
+        .bind(to)
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut totals = Totals::default();
+    for row in rows {
+        let tool: String = row.try_get("tool")?;
+        let event_type: String = row.try_get("event_type")?;
+        let rule: Option<String> = row.try_get("rule")?;
+        let action: Option<String> = row.try_get("action")?;
+        let success: Option<i64> = row.try_get("success")?;
+        let bucket: i64 = row.try_get("bucket")?;
+        let total: Option<i64> = row.try_get("total")?;
+        totals.add(&Alike {
+            event_type: &event_type,
+            tool: &tool,
+            rule: rule.as_deref(),
+            action: action.as_deref(),
+            success: success.map(|s| s != 0),
+            duration: usize::try_from(bucket)
+                .ok()
+                .map(|b| (b, total.unwrap_or(0))),
+            n: count(&row, "n")?,
+        });
+    }
+    Ok(totals)
 }

@@ -9,10 +9,12 @@
 //! batches share commits (see `events::spawn_writer`).
 
 mod agents;
+mod anomalies;
 mod events;
 mod keys;
 mod metrics;
 mod policies;
+pub mod rollups;
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -22,10 +24,11 @@ use sqlx::{AnyPool, ConnectOptions, Executor};
 use tokio::sync::{Mutex, MutexGuard};
 
 pub use agents::NewAgent;
+pub use anomalies::{AnomalyFilter, NewAnomaly};
 pub use events::EventRow;
 pub use keys::KeyRecord;
-pub use metrics::EventCounts;
 pub use policies::{NewPolicy, StoredPolicy};
+pub use rollups::Totals;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -137,6 +140,10 @@ impl Store {
 
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.write_gate.is_none()
     }
 
     /// Serializes writers on SQLite; a no-op on PostgreSQL.

@@ -292,3 +292,129 @@ impl TestServer {
             .unwrap_or(0)
     }
 }
+
+/// A WebSocket client of `/agents/{agent_id}`.
+pub mod ws {
+    use std::time::Duration;
+
+    use futures_util::{SinkExt, StreamExt};
+    use serde_json::{Value, json};
+    use tokio_tungstenite::tungstenite::Message;
+
+    use super::TestServer;
+
+    pub type Socket = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    /// What the server sent.
+    #[derive(Debug, PartialEq)]
+    pub enum Frame {
+        Json(Value),
+        Ping,
+        /// The close frame's code and reason, or `None` when the connection just ended.
+        Closed(Option<(u16, String)>),
+    }
+
+    /// Connects without authenticating.
+    pub async fn open(server: &TestServer, agent_id: &str) -> Socket {
+        let url = format!(
+            "{}/agents/{agent_id}",
+            server.base.replacen("http://", "ws://", 1)
+        );
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .unwrap_or_else(|e| unreachable!("connect: {e}"));
+        socket
+    }
+
+    pub async fn send_text(socket: &mut Socket, text: String) {
+        socket
+            .send(Message::text(text))
+            .await
+            .unwrap_or_else(|e| unreachable!("send: {e}"));
+    }
+
+    /// Connects and sends the auth message.
+    pub async fn connect(server: &TestServer, agent_id: &str, token: &str) -> Socket {
+        let mut socket = open(server, agent_id).await;
+        send_text(
+            &mut socket,
+            json!({"type": "auth", "token": token}).to_string(),
+        )
+        .await;
+        socket
+    }
+
+    /// How long a test waits for what it expects before it fails: only so that a broken
+    /// server cannot hang the suite.
+    const PATIENCE: Duration = Duration::from_secs(30);
+
+    /// The next frame.
+    pub async fn frame(socket: &mut Socket) -> Frame {
+        tokio::time::timeout(PATIENCE, next_frame(socket))
+            .await
+            .unwrap_or_else(|_| unreachable!("no frame from the server in {PATIENCE:?}"))
+    }
+
+    async fn next_frame(socket: &mut Socket) -> Frame {
+        loop {
+            match socket.next().await {
+                None | Some(Err(_)) => return Frame::Closed(None),
+                Some(Ok(Message::Text(text))) => {
+                    return Frame::Json(
+                        serde_json::from_str(text.as_str())
+                            .unwrap_or_else(|e| unreachable!("not JSON: {e}: {text}")),
+                    );
+                }
+                Some(Ok(Message::Ping(_))) => return Frame::Ping,
+                Some(Ok(Message::Close(frame))) => {
+                    return Frame::Closed(frame.map(|f| (u16::from(f.code), f.reason.to_string())));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// The next JSON message, or `None` once the server closed the socket.
+    pub async fn next(socket: &mut Socket) -> Option<Value> {
+        next_of_any(socket, None).await
+    }
+
+    /// The next message of type `kind`, skipping others (metrics updates, say); `None` once
+    /// the server closed the socket.
+    pub async fn next_of(socket: &mut Socket, kind: &str) -> Option<Value> {
+        next_of_any(socket, Some(kind)).await
+    }
+
+    async fn next_of_any(socket: &mut Socket, kind: Option<&str>) -> Option<Value> {
+        let wanted = async {
+            loop {
+                match next_frame(socket).await {
+                    Frame::Json(value) if kind.is_none_or(|k| value["type"] == k) => {
+                        return Some(value);
+                    }
+                    Frame::Json(_) | Frame::Ping => continue,
+                    Frame::Closed(_) => return None,
+                }
+            }
+        };
+        tokio::time::timeout(PATIENCE, wanted)
+            .await
+            .unwrap_or_else(|_| unreachable!("no {kind:?} message from the server in {PATIENCE:?}"))
+    }
+
+    /// Reads until the server closes: its close code and reason.
+    pub async fn closed(socket: &mut Socket) -> Option<(u16, String)> {
+        let closing = async {
+            loop {
+                if let Frame::Closed(frame) = next_frame(socket).await {
+                    return frame;
+                }
+            }
+        };
+        tokio::time::timeout(PATIENCE, closing)
+            .await
+            .unwrap_or_else(|_| unreachable!("the server did not close the socket in {PATIENCE:?}"))
+    }
+}
