@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use perfecx_api::{ServerMessage, Severity};
+use perfecx_api::ServerMessage;
 use perfecx_monitor::{AgentDetector, Signal};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -185,15 +185,6 @@ fn signal(e: &Observed) -> Signal<'_> {
     }
 }
 
-fn severity(s: perfecx_monitor::Severity) -> Severity {
-    match s {
-        perfecx_monitor::Severity::Low => Severity::Low,
-        perfecx_monitor::Severity::Medium => Severity::Medium,
-        perfecx_monitor::Severity::High => Severity::High,
-        perfecx_monitor::Severity::Critical => Severity::Critical,
-    }
-}
-
 /// Stores, sends and announces what was found; `false` when the agent is gone.
 async fn report(state: &AppState, agent_id: &str, found: Vec<perfecx_monitor::Anomaly>) -> bool {
     let anomalies: Vec<NewAnomaly> = found
@@ -201,7 +192,7 @@ async fn report(state: &AppState, agent_id: &str, found: Vec<perfecx_monitor::An
         .map(|a| NewAnomaly {
             anomaly_id: format!("anm_{}", uuid::Uuid::new_v4().simple()),
             anomaly_type: a.kind.as_str(),
-            severity: severity(a.severity),
+            severity: a.severity,
             score: a.score,
             description: a.description,
             detected_at: a.detected_at_ms,

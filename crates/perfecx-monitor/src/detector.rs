@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
+pub use perfecx_api::Severity;
 use serde::Serialize;
 use serde_json::json;
 
@@ -51,23 +52,13 @@ impl AnomalyKind {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Severity {
-    Low,
-    Medium,
-    High,
-    Critical,
-}
-
-impl Severity {
-    fn of(score: f64) -> Severity {
-        match score {
-            s if s >= 0.85 => Severity::Critical,
-            s if s >= 0.65 => Severity::High,
-            s if s >= 0.45 => Severity::Medium,
-            _ => Severity::Low,
-        }
+/// How serious an anomaly of `score` is.
+fn severity_of(score: f64) -> Severity {
+    match score {
+        s if s >= 0.85 => Severity::Critical,
+        s if s >= 0.65 => Severity::High,
+        s if s >= 0.45 => Severity::Medium,
+        _ => Severity::Low,
     }
 }
 
@@ -348,7 +339,7 @@ impl AgentDetector {
                 let score = 0.8 - 0.3 * self.cfg.min_transitions as f64 / out as f64;
                 found.push(Anomaly {
                     kind: AnomalyKind::RareTransition,
-                    severity: Severity::of(score),
+                    severity: severity_of(score),
                     score,
                     description: format!(
                         "`{}` called right after `{}`, which never happened in {out} calls after it",
@@ -379,7 +370,7 @@ fn anomaly(
     evidence["z_score"] = json!(z);
     Anomaly {
         kind,
-        severity: Severity::of(score),
+        severity: severity_of(score),
         score,
         description,
         detected_at_ms: at,
