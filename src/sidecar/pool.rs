@@ -301,3 +301,67 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     msg
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Answers one request per connection, keep-alive in name, then hangs up: a reused
+    /// connection is found closed and the request goes out on a new one.
+    #[tokio::test]
+    async fn a_connection_the_tool_closed_is_replaced() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut buf).await.unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                drop(s);
+            }
+        });
+        let pool = Pool::new(&format!("http://{addr}").parse().unwrap()).unwrap();
+        for _ in 0..3 {
+            let req = Request::builder()
+                .uri("/x")
+                .header("host", addr.to_string())
+                .body(Full::new(Bytes::new()))
+                .unwrap();
+            let Ok((parts, body)) = pool.exchange(req, 1024).await else {
+                panic!("the exchange failed");
+            };
+            assert_eq!(parts.status, 200);
+            assert_eq!(body, "ok");
+            // Let the hang-up arrive before the next checkout.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_tool_reads_as_the_client_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let pool = Pool::new(&format!("http://{addr}").parse().unwrap()).unwrap();
+        let req = Request::builder()
+            .uri("/")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        match pool.exchange(req, 1024).await {
+            Err(ExchangeError::Send(m)) => assert!(m.starts_with("cannot connect: "), "{m}"),
+            _ => panic!("expected a connect error"),
+        }
+    }
+}
