@@ -18,8 +18,8 @@ use super::mcp::CLIENT_BODY_TIMEOUT;
 use super::output_filter::{OutputVerdict, check_output};
 use super::policies::Active;
 use super::policy_check::{CallVerdict, check_call};
-use super::rescue;
 use super::pool::ExchangeError;
+use super::rescue;
 use super::upstream::{
     ReadError, Upstream, media_type_is, outgoing_headers, read_limited, strip_hop_by_hop,
 };
@@ -317,9 +317,6 @@ mod tests {
             "/api/search?q=x"
         );
         let base: Uri = "http://127.0.0.1:8081".parse().unwrap();
-        assert_eq!(
-            target(&base, "", None).unwrap().to_string(),
-            "/"
-        );
+        assert_eq!(target(&base, "", None).unwrap().to_string(), "/");
     }
 }
