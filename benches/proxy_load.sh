@@ -8,6 +8,8 @@
 #
 # Needs wrk and nginx (Debian: apt-get install -y wrk nginx). Only 127.0.0.1 is used.
 # Usage: benches/proxy_load.sh            (DURATION=10s CONNS=32 RATE=2000 POLICY_DIR=policies)
+# The ports (TOOL_PORT=18081 NGINX_PORT=18080 SIDECAR_PORT=18001 ADMIN_PORT=18000) can be moved
+# when another copy of the benchmark runs on the same machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,7 +19,8 @@ THREADS=${THREADS:-2}
 RATE=${RATE:-2000}
 PACED_CONNS=${PACED_CONNS:-20}
 POLICY_DIR=$(realpath "${POLICY_DIR:-policies}")
-TOOL_PORT=18081 NGINX_PORT=18080 SIDECAR_PORT=18001 ADMIN_PORT=18000
+TOOL_PORT=${TOOL_PORT:-18081} NGINX_PORT=${NGINX_PORT:-18080}
+SIDECAR_PORT=${SIDECAR_PORT:-18001} ADMIN_PORT=${ADMIN_PORT:-18000}
 
 for bin in wrk nginx; do
     command -v "$bin" >/dev/null || { echo "error: $bin is not installed (apt-get install -y wrk nginx)" >&2; exit 1; }

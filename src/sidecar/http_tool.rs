@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, Uri};
+use http_body_util::Full;
 use perfecx_policy::{Content, Enforcement};
 
 use super::Shared;
@@ -17,8 +18,11 @@ use super::mcp::CLIENT_BODY_TIMEOUT;
 use super::output_filter::{OutputVerdict, check_output};
 use super::policies::Active;
 use super::policy_check::{CallVerdict, check_call};
+use super::pool::ExchangeError;
 use super::rescue;
-use super::upstream::{ReadError, Upstream, media_type_is, read_limited, send_http};
+use super::upstream::{
+    ReadError, Upstream, media_type_is, outgoing_headers, read_limited, strip_hop_by_hop,
+};
 
 pub async fn handle(
     shared: Arc<Shared>,
@@ -71,8 +75,9 @@ pub async fn handle(
     };
     let redacted = body.1;
 
-    let uri = match target(&base, &rest, query) {
-        Some(u) => u,
+    let target = target(&base, &rest, query).zip(up.pool.as_ref());
+    let (uri, pool) = match target {
+        Some(t) => t,
         None => {
             let refusal = Refusal::from(Unjudgeable {
                 reason: "the path cannot be forwarded".into(),
@@ -91,21 +96,24 @@ pub async fn handle(
     };
     tracker.start_call(String::new(), tool, redacted, span, input);
     let deadline = deadline(&active);
+    let mut headers = parts.headers;
+    outgoing_headers(&up, &mut headers);
+    let mut request = Request::new(Full::new(body.0));
+    *request.method_mut() = parts.method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
     let call = async {
-        let res = send_http(
-            &shared.client,
-            &up,
-            parts.method,
-            uri,
-            parts.headers,
-            body.0,
-        )
-        .await?;
-        let (parts, body) = res.into_parts();
-        match read_limited(body, cap, "tool's response").await {
-            Ok(b) => Ok((parts, b)),
-            Err(ReadError::TooLarge(t)) => Err(Refusal::from(t)),
-            Err(ReadError::Failed(m)) => Err(Refusal::from(UpstreamFailed {
+        match pool.exchange(request, cap).await {
+            Ok((mut parts, b)) => {
+                strip_hop_by_hop(&mut parts.headers);
+                Ok((parts, b))
+            }
+            Err(ExchangeError::Send(reason)) => Err(Refusal::from(UpstreamFailed {
+                upstream: tool.to_owned(),
+                reason,
+            })),
+            Err(ExchangeError::Body(ReadError::TooLarge(t))) => Err(Refusal::from(t)),
+            Err(ExchangeError::Body(ReadError::Failed(m))) => Err(Refusal::from(UpstreamFailed {
                 upstream: tool.to_owned(),
                 reason: format!("the response broke off: {m}"),
             })),
@@ -265,7 +273,8 @@ fn judge(
     Ok(body)
 }
 
-/// The tool's URL for `rest` (the path after `/tools/{name}`) and `query`.
+/// The tool's URL for `rest` (the path after `/tools/{name}`) and `query`, in origin form (what
+/// goes on the request line: the connection is to the tool already).
 fn target(base: &Uri, rest: &str, query: Option<&str>) -> Option<Uri> {
     let base_path = base.path().trim_end_matches('/');
     let mut pq = String::with_capacity(base_path.len() + rest.len() + 2);
@@ -278,12 +287,9 @@ fn target(base: &Uri, rest: &str, query: Option<&str>) -> Option<Uri> {
         pq.push('?');
         pq.push_str(q);
     }
-    Uri::builder()
-        .scheme(base.scheme()?.clone())
-        .authority(base.authority()?.clone())
-        .path_and_query(pq)
-        .build()
-        .ok()
+    base.scheme()?;
+    base.authority()?;
+    Uri::builder().path_and_query(pq).build().ok()
 }
 
 fn deadline(active: &Active) -> Option<(u64, Refusal)> {
@@ -308,12 +314,9 @@ mod tests {
         let base: Uri = "http://127.0.0.1:8081/api/".parse().unwrap();
         assert_eq!(
             target(&base, "/search", Some("q=x")).unwrap().to_string(),
-            "http://127.0.0.1:8081/api/search?q=x"
+            "/api/search?q=x"
         );
         let base: Uri = "http://127.0.0.1:8081".parse().unwrap();
-        assert_eq!(
-            target(&base, "", None).unwrap().to_string(),
-            "http://127.0.0.1:8081/"
-        );
+        assert_eq!(target(&base, "", None).unwrap().to_string(), "/");
     }
 }

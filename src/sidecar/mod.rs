@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod output_filter;
 pub mod policies;
 pub mod policy_check;
+mod pool;
 pub mod reload;
 pub mod report;
 pub mod rescue;

@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::denial::{TooLarge, UpstreamFailed};
+use super::pool::Pool;
 use super::stdio::StdioServer;
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -41,6 +42,8 @@ pub struct Upstream {
     /// The `Host` header for requests to an HTTP upstream, computed once rather than by the
     /// client for every request.
     pub host: Option<HeaderValue>,
+    /// The connections to a plain HTTP tool ([`Transport::Http`]).
+    pub pool: Option<Arc<Pool>>,
 }
 
 impl Upstream {
@@ -49,10 +52,15 @@ impl Upstream {
             Transport::Mcp(uri) | Transport::Http(uri) => host_header(uri),
             Transport::Stdio(_) => None,
         };
+        let pool = match &transport {
+            Transport::Http(uri) => Pool::new(uri),
+            Transport::Mcp(_) | Transport::Stdio(_) => None,
+        };
         Upstream {
             name,
             transport,
             host,
+            pool,
         }
     }
 }
@@ -100,6 +108,16 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The agent's request headers made fit to forward to `upstream`.
+pub fn outgoing_headers(upstream: &Upstream, headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+    // Answers are inspected, so they must come uncompressed.
+    headers.remove(header::ACCEPT_ENCODING);
+    if let Some(host) = &upstream.host {
+        headers.insert(header::HOST, host.clone());
+    }
+}
+
 /// Sends one request to an HTTP upstream; the response body streams.
 pub async fn send_http(
     client: &HttpClient,
@@ -109,12 +127,7 @@ pub async fn send_http(
     mut headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response<Body>, UpstreamFailed> {
-    strip_hop_by_hop(&mut headers);
-    // Answers are inspected, so they must come uncompressed.
-    headers.remove(header::ACCEPT_ENCODING);
-    if let Some(host) = &upstream.host {
-        headers.insert(header::HOST, host.clone());
-    }
+    outgoing_headers(upstream, &mut headers);
     let mut req = Request::new(Full::new(body));
     *req.method_mut() = method;
     *req.uri_mut() = uri;
@@ -155,7 +168,11 @@ pub enum ReadError {
 }
 
 /// Reads a body up to `cap` bytes.
-pub async fn read_limited(body: Body, cap: u64, what: &'static str) -> Result<Bytes, ReadError> {
+pub async fn read_limited<B>(body: B, cap: u64, what: &'static str) -> Result<Bytes, ReadError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let limit = usize::try_from(cap).unwrap_or(usize::MAX);
     match Limited::new(body, limit).collect().await {
         Ok(c) => Ok(c.to_bytes()),
