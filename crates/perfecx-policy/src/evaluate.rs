@@ -309,9 +309,10 @@ impl PolicySet {
                         TokenKind::Number => t.raw.clone(),
                         TokenKind::Key | TokenKind::String => t.raw.start + 1..t.raw.end - 1,
                     };
-                    let in_place = whole.is_some()
-                        && only_quote_escapes(&src.as_bytes()[inner.clone()])
-                        && is_normal(t.text);
+                    let normal = is_normal(t.text);
+                    let in_place = normal
+                        && whole.is_some()
+                        && only_quote_escapes(&src.as_bytes()[inner.clone()]);
                     let mut triggered = 0;
                     while let Some(&(end, pattern)) = hits.get(next_hit)
                         && end <= inner.end
@@ -325,11 +326,7 @@ impl PolicySet {
                         }
                     }
                     if !in_place {
-                        let text = if is_normal(t.text) {
-                            t.text
-                        } else {
-                            norm.rewrite(t.text)
-                        };
+                        let text = if normal { t.text } else { norm.rewrite(t.text) };
                         triggered = self.match_patterns(tool, text, t.kind, dir, out);
                     }
                     if t.kind != TokenKind::Key {
