@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
 
-use super::PATIENCE;
+use super::{PATIENCE, Running};
 
 pub const ADMIN_KEY: &str = "pfx_test_admin_key_0123456789abcdef";
 
@@ -17,8 +16,7 @@ pub struct ControlPlane {
     pub addr: SocketAddr,
     pub base: String,
     pub db: PathBuf,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    running: Running<anyhow::Error>,
 }
 
 impl ControlPlane {
@@ -27,16 +25,14 @@ impl ControlPlane {
         let addr = listener.local_addr().unwrap();
         let mut config = perfecx_control_plane::Config::new(format!("sqlite://{}", db.display()));
         config.admin_key = Some(ADMIN_KEY.into());
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(perfecx_control_plane::run(listener, config, async move {
-            let _ = rx.await;
-        }));
+        let running = Running::spawn("control plane", |shutdown| {
+            perfecx_control_plane::run(listener, config, shutdown)
+        });
         ControlPlane {
             addr,
             base: format!("http://{addr}"),
             db: db.to_owned(),
-            stop: Some(tx),
-            task: Some(task),
+            running,
         }
     }
 
@@ -76,25 +72,8 @@ impl ControlPlane {
         self.request(reqwest::Method::GET, &path, None).await["metrics"].clone()
     }
 
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(PATIENCE, task)
-                .await
-                .expect("the control plane stops")
-                .unwrap()
-                .unwrap();
-        }
-    }
-}
-
-impl Drop for ControlPlane {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
+    pub async fn stop(self) {
+        self.running.stop().await
     }
 }
 

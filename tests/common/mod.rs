@@ -28,9 +28,58 @@ pub struct Sidecar {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub policy_dir: PathBuf,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    running: Running<std::io::Error>,
     _dir: tempfile::TempDir,
+}
+
+/// A server spawned in a task that runs until told to stop; told on drop too.
+pub struct Running<E> {
+    what: &'static str,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), E>>>,
+}
+
+impl<E: std::fmt::Debug + Send + 'static> Running<E> {
+    /// Spawns `serve(shutdown)`, where `shutdown` completes when the server is told to stop.
+    pub fn spawn<F>(
+        what: &'static str,
+        serve: impl FnOnce(std::pin::Pin<Box<dyn Future<Output = ()> + Send>>) -> F,
+    ) -> Running<E>
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(serve(Box::pin(async move {
+            let _ = rx.await;
+        })));
+        Running {
+            what,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Stops the server and waits until it has, checking that it ended without an error.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(PATIENCE, task)
+                .await
+                .unwrap_or_else(|_| panic!("the {} stops", self.what))
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+impl<E> Drop for Running<E> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
 }
 
 impl Sidecar {
@@ -66,16 +115,14 @@ impl Sidecar {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let (addr, admin_addr) = (listener.local_addr().unwrap(), admin.local_addr().unwrap());
-        let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(sidecar::run(config, listener, admin, async move {
-            let _ = rx.await;
-        }));
+        let running = Running::spawn("sidecar", |shutdown| {
+            sidecar::run(config, listener, admin, shutdown)
+        });
         Sidecar {
             addr,
             admin: admin_addr,
             policy_dir,
-            stop: Some(tx),
-            task: Some(task),
+            running,
             _dir: dir,
         }
     }
@@ -100,25 +147,8 @@ impl Sidecar {
     }
 
     /// Stops the sidecar and waits until it has.
-    pub async fn stop(mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(task) = self.task.take() {
-            tokio::time::timeout(PATIENCE, task)
-                .await
-                .expect("the sidecar stops")
-                .unwrap()
-                .unwrap();
-        }
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
+    pub async fn stop(self) {
+        self.running.stop().await
     }
 }
 
