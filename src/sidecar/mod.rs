@@ -182,12 +182,14 @@ pub async fn run(
         admin = %admin.local_addr()?,
         "sidecar serving"
     );
-    let tools = tokio::spawn(serve::serve(
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let tools = serve::serve_on_workers(
         listener,
         router(shared.clone()),
         stop.clone(),
         SHUTDOWN_GRACE,
-    ));
+        workers,
+    )?;
     let admin = tokio::spawn(serve::serve(
         admin,
         admin::router(shared),

@@ -7,16 +7,22 @@
 //! connection for the whole exchange instead; between exchanges a connection waits in this
 //! pool, not driven. The MCP path streams answers (event streams) and keeps the shared client.
 //!
+//! Idle connections are kept per thread: a connection is registered with the runtime of the
+//! thread that opened it, and the sidecar serves tool traffic from one single-threaded runtime
+//! per thread, so a connection taken up on another thread would have its every wake-up handed
+//! across threads.
+//!
 //! Behaviour matches the shared client's: keep-alive connections reused most-recent first,
 //! closed after 30 s idle; `TCP_NODELAY`; a 5 s connect timeout; a request that a reused
 //! connection closed before it was sent goes out again on a new connection; errors read as the
 //! client's do.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::Poll;
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -33,7 +39,7 @@ use super::upstream::{ReadError, read_limited};
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long opening a connection may take (as the shared client).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle connections kept at most; more are closed when they come back.
+/// Idle connections kept at most per thread; more are closed when they come back.
 const MAX_IDLE: usize = 512;
 
 type Body = Full<Bytes>;
@@ -45,8 +51,8 @@ struct Conn {
 }
 
 struct Idle {
-    /// Oldest first: taken from the back, expired from the front.
-    conns: VecDeque<Conn>,
+    /// Per thread, oldest first: taken from the back, expired from the front.
+    conns: HashMap<ThreadId, VecDeque<Conn>>,
     /// A task closes expired connections while any wait.
     reaping: bool,
 }
@@ -79,7 +85,7 @@ impl Pool {
             host: host.to_owned(),
             port: base.port_u16().unwrap_or(80),
             idle: Mutex::new(Idle {
-                conns: VecDeque::new(),
+                conns: HashMap::new(),
                 reaping: false,
             }),
         }))
@@ -125,17 +131,15 @@ impl Pool {
         loop {
             let mut conn = {
                 let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-                idle.conns.pop_back()?
+                let conns = idle.conns.get_mut(&std::thread::current().id())?;
+                let conn = conns.pop_back()?;
+                if conn.idle_since.elapsed() >= IDLE_TIMEOUT {
+                    // Everything older is expired too.
+                    conns.clear();
+                    return None;
+                }
+                conn
             };
-            if conn.idle_since.elapsed() >= IDLE_TIMEOUT {
-                // Everything older is expired too.
-                self.idle
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .conns
-                    .clear();
-                return None;
-            }
             // Polling the connection once takes in a hang-up or a `Connection: close`, and
             // registers this task for its wake-ups.
             let ready = poll_fn(|cx| {
@@ -178,17 +182,12 @@ impl Pool {
         let now = Instant::now();
         conn.idle_since = now;
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while idle
-            .conns
-            .front()
-            .is_some_and(|c| now.duration_since(c.idle_since) >= IDLE_TIMEOUT)
-        {
-            idle.conns.pop_front();
-        }
-        if idle.conns.len() >= MAX_IDLE {
+        let conns = idle.conns.entry(std::thread::current().id()).or_default();
+        expire(conns, now);
+        if conns.len() >= MAX_IDLE {
             return;
         }
-        idle.conns.push_back(conn);
+        conns.push_back(conn);
         if !idle.reaping {
             idle.reaping = true;
             // Only within a runtime (always, on the request path).
@@ -208,17 +207,24 @@ async fn reap(pool: Weak<Pool>) {
         let Some(pool) = pool.upgrade() else { return };
         let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
-        while idle
-            .conns
-            .front()
-            .is_some_and(|c| now.duration_since(c.idle_since) >= IDLE_TIMEOUT)
-        {
-            idle.conns.pop_front();
-        }
+        idle.conns.retain(|_, conns| {
+            expire(conns, now);
+            !conns.is_empty()
+        });
         if idle.conns.is_empty() {
             idle.reaping = false;
             return;
         }
+    }
+}
+
+/// Drops the connections of `conns` idle for [`IDLE_TIMEOUT`] or longer.
+fn expire(conns: &mut VecDeque<Conn>, now: Instant) {
+    while conns
+        .front()
+        .is_some_and(|c| now.duration_since(c.idle_since) >= IDLE_TIMEOUT)
+    {
+        conns.pop_front();
     }
 }
 

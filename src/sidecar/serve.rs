@@ -1,7 +1,8 @@
 //! Serving a router on a listener: HTTP/1.1, `TCP_NODELAY`, a deadline for request headers
 //! (slow clients are cut off rather than holding a connection), graceful shutdown with a grace
-//! period.
+//! period; for the tool traffic, from one thread per CPU ([`serve_on_workers`]).
 
+use std::future::Future;
 use std::time::Duration;
 
 use axum::Router;
@@ -10,6 +11,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 /// How long a client may take to send a request's headers.
@@ -57,4 +59,48 @@ pub async fn serve(
     {
         tracing::info!("connections still open after the grace period; closing them");
     }
+}
+
+/// Serves `router` on `listener` from `workers` threads, each running a single-threaded runtime
+/// of its own, as nginx runs one worker process per CPU. A connection and everything its
+/// requests do (the calls to the tool included) then stay on one thread: no work-stealing
+/// scheduler hands tasks between threads, and no futex wakes a sibling thread on every request.
+/// The workers accept from the one socket (each through its own descriptor); connections go
+/// to whichever worker is free first. Returns once every worker has stopped (see [`serve`]).
+pub fn serve_on_workers(
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+    grace: Duration,
+    workers: usize,
+) -> std::io::Result<impl Future<Output = ()>> {
+    let listener = listener.into_std()?;
+    let mut stopped = Vec::with_capacity(workers);
+    for i in 0..workers.max(1) {
+        let socket = listener.try_clone()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (router, stop) = (router.clone(), stop.clone());
+        let (done, finished) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("perfecx-worker-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(listener) => serve(listener, router, stop, grace).await,
+                        Err(e) => tracing::error!(error = %e, "a worker cannot serve the listener"),
+                    }
+                });
+                // Dropping the runtime ends what is left: idle-connection reapers and the like.
+                drop(runtime);
+                let _ = done.send(());
+            })?;
+        stopped.push(finished);
+    }
+    Ok(async move {
+        for worker in stopped {
+            let _ = worker.await;
+        }
+    })
 }
