@@ -104,3 +104,40 @@ pub fn serve_on_workers(
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    #[tokio::test]
+    async fn workers_answer_every_connection_and_stop_when_told() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route(
+            "/",
+            get(|| async { std::thread::current().name().unwrap_or("?").to_owned() }),
+        );
+        let stop = CancellationToken::new();
+        let stopped =
+            serve_on_workers(listener, router, stop.clone(), Duration::from_secs(1), 2).unwrap();
+        for _ in 0..20 {
+            let mut conn = TcpStream::connect(addr).await.unwrap();
+            conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut answer = String::new();
+            conn.read_to_string(&mut answer).await.unwrap();
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+            assert!(answer.contains("\r\n\r\nperfecx-worker-"), "{answer}");
+        }
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), stopped)
+            .await
+            .expect("every worker stops");
+        // The last descriptor of the socket closed with the last worker.
+        assert!(TcpStream::connect(addr).await.is_err());
+    }
+}
