@@ -183,13 +183,13 @@ pub async fn run(
         "sidecar serving"
     );
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let tools = serve::serve_on_workers(
+    let tools = tokio::spawn(serve::serve_on_workers(
         listener,
         router(shared.clone()),
         stop.clone(),
         SHUTDOWN_GRACE,
         workers,
-    )?;
+    )?);
     let admin = tokio::spawn(serve::serve(
         admin,
         admin::router(shared),

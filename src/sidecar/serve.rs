@@ -3,6 +3,8 @@
 //! period; for the tool traffic, from one thread per CPU ([`serve_on_workers`]).
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -10,8 +12,8 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 /// How long a client may take to send a request's headers.
@@ -26,33 +28,131 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
+    while let Some(stream) = accept(&listener, &stop).await {
+        connection(stream, &router, &graceful, None);
+    }
+    drain(graceful, grace).await;
+}
+
+/// Serves `router` on `listener` from `workers` threads, each running a single-threaded runtime
+/// of its own, as nginx runs one worker process per CPU. A connection and everything its
+/// requests do (the calls to the tool included) then stay on one thread: no work-stealing
+/// scheduler hands tasks between threads, and no futex wakes a sibling thread on every request.
+///
+/// The returned future accepts connections (on the caller's runtime: agents keep theirs open,
+/// so accepting is rare) and hands each to the worker with the fewest open, which keeps the
+/// load even where a burst of connections would otherwise all go to the first worker awake.
+/// It returns once `stop` is cancelled and every worker has drained (see [`serve`]).
+pub fn serve_on_workers(
+    listener: TcpListener,
+    router: Router,
+    stop: CancellationToken,
+    grace: Duration,
+    workers: usize,
+) -> std::io::Result<impl Future<Output = ()>> {
+    let mut queues = Vec::with_capacity(workers);
+    let mut stopped = Vec::with_capacity(workers);
+    for i in 0..workers.max(1) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (queue, mut incoming) = mpsc::unbounded_channel::<std::net::TcpStream>();
+        let open = Arc::new(AtomicUsize::new(0));
+        let (router, stop, count) = (router.clone(), stop.clone(), open.clone());
+        let (done, finished) = oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("perfecx-worker-{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let graceful = GracefulShutdown::new();
+                    loop {
+                        let stream = tokio::select! {
+                            s = incoming.recv() => s,
+                            _ = stop.cancelled() => None,
+                        };
+                        let Some(stream) = stream else { break };
+                        match TcpStream::from_std(stream) {
+                            Ok(s) => connection(s, &router, &graceful, Some(count.clone())),
+                            Err(e) => {
+                                count.fetch_sub(1, Ordering::Relaxed);
+                                tracing::warn!(error = %e, "a worker cannot take a connection");
+                            }
+                        }
+                    }
+                    drain(graceful, grace).await;
+                });
+                // Dropping the runtime ends what is left: idle-connection reapers and the like.
+                drop(runtime);
+                let _ = done.send(());
+            })?;
+        queues.push((queue, open));
+        stopped.push(finished);
+    }
+    Ok(async move {
+        while let Some(stream) = accept(&listener, &stop).await {
+            let least = queues
+                .iter()
+                .min_by_key(|(_, open)| open.load(Ordering::Relaxed));
+            let (Some((queue, open)), Ok(stream)) = (least, stream.into_std()) else {
+                continue;
+            };
+            open.fetch_add(1, Ordering::Relaxed);
+            if queue.send(stream).is_err() {
+                open.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        drop(queues);
+        for worker in stopped {
+            let _ = worker.await;
+        }
+    })
+}
+
+/// The next connection, or `None` once `stop` is cancelled.
+async fn accept(listener: &TcpListener, stop: &CancellationToken) -> Option<TcpStream> {
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
-            _ = stop.cancelled() => break,
+            _ = stop.cancelled() => return None,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        match accepted {
+            Ok((stream, _)) => return Some(stream),
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
             }
-        };
-        let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+        }
     }
+}
+
+/// Serves one connection in a task of its own on this thread's runtime; `open` counts the
+/// connections open on it, if anyone keeps count.
+fn connection(
+    stream: TcpStream,
+    router: &Router,
+    graceful: &GracefulShutdown,
+    open: Option<Arc<AtomicUsize>>,
+) {
+    let _ = stream.set_nodelay(true);
+    let service = TowerToHyperService::new(router.clone());
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    let conn = graceful.watch(conn);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+        if let Some(open) = open {
+            open.fetch_sub(1, Ordering::Relaxed);
+        }
+    });
+}
+
+/// Waits up to `grace` for the connections `graceful` watches to finish.
+async fn drain(graceful: GracefulShutdown, grace: Duration) {
     if tokio::time::timeout(grace, graceful.shutdown())
         .await
         .is_err()
@@ -61,59 +161,39 @@ pub async fn serve(
     }
 }
 
-/// Serves `router` on `listener` from `workers` threads, each running a single-threaded runtime
-/// of its own, as nginx runs one worker process per CPU. A connection and everything its
-/// requests do (the calls to the tool included) then stay on one thread: no work-stealing
-/// scheduler hands tasks between threads, and no futex wakes a sibling thread on every request.
-/// The workers accept from the one socket (each through its own descriptor); connections go
-/// to whichever worker is free first. Returns once every worker has stopped (see [`serve`]).
-pub fn serve_on_workers(
-    listener: TcpListener,
-    router: Router,
-    stop: CancellationToken,
-    grace: Duration,
-    workers: usize,
-) -> std::io::Result<impl Future<Output = ()>> {
-    let listener = listener.into_std()?;
-    let mut stopped = Vec::with_capacity(workers);
-    for i in 0..workers.max(1) {
-        let socket = listener.try_clone()?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let (router, stop) = (router.clone(), stop.clone());
-        let (done, finished) = oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name(format!("perfecx-worker-{i}"))
-            .spawn(move || {
-                runtime.block_on(async move {
-                    match TcpListener::from_std(socket) {
-                        Ok(listener) => serve(listener, router, stop, grace).await,
-                        Err(e) => tracing::error!(error = %e, "a worker cannot serve the listener"),
-                    }
-                });
-                // Dropping the runtime ends what is left: idle-connection reapers and the like.
-                drop(runtime);
-                let _ = done.send(());
-            })?;
-        stopped.push(finished);
-    }
-    Ok(async move {
-        for worker in stopped {
-            let _ = worker.await;
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use axum::routing::get;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::net::TcpStream;
+
+    /// The name of the thread that answers a request on `conn`, a kept-alive connection.
+    async fn worker_of(conn: &mut TcpStream) -> String {
+        conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            if let Some((head, body)) = answer.split_once("\r\n\r\n") {
+                assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .expect("a content-length");
+                if body.len() == length {
+                    return body.to_owned();
+                }
+            }
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {answer}");
+            answer.push_str(std::str::from_utf8(&buf[..n]).unwrap());
+        }
+    }
 
     #[tokio::test]
-    async fn workers_answer_every_connection_and_stop_when_told() {
+    async fn workers_share_the_connections_and_stop_when_told() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let router = Router::new().route(
@@ -121,23 +201,27 @@ mod tests {
             get(|| async { std::thread::current().name().unwrap_or("?").to_owned() }),
         );
         let stop = CancellationToken::new();
-        let stopped =
-            serve_on_workers(listener, router, stop.clone(), Duration::from_secs(1), 2).unwrap();
-        for _ in 0..20 {
-            let mut conn = TcpStream::connect(addr).await.unwrap();
-            conn.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-                .await
-                .unwrap();
-            let mut answer = String::new();
-            conn.read_to_string(&mut answer).await.unwrap();
-            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
-            assert!(answer.contains("\r\n\r\nperfecx-worker-"), "{answer}");
+        let serving = tokio::spawn(
+            serve_on_workers(listener, router, stop.clone(), Duration::from_secs(1), 2).unwrap(),
+        );
+        // Open together, the connections go one to each worker, and stay there.
+        let mut first = TcpStream::connect(addr).await.unwrap();
+        let mut second = TcpStream::connect(addr).await.unwrap();
+        let (a, b) = (worker_of(&mut first).await, worker_of(&mut second).await);
+        let mut names = [a.clone(), b.clone()];
+        names.sort();
+        assert_eq!(names, ["perfecx-worker-0", "perfecx-worker-1"]);
+        for _ in 0..5 {
+            assert_eq!(worker_of(&mut first).await, a);
+            assert_eq!(worker_of(&mut second).await, b);
         }
+        drop((first, second));
         stop.cancel();
-        tokio::time::timeout(Duration::from_secs(5), stopped)
+        tokio::time::timeout(Duration::from_secs(5), serving)
             .await
-            .expect("every worker stops");
-        // The last descriptor of the socket closed with the last worker.
+            .expect("every worker stops")
+            .unwrap();
+        // The listener closed when the acceptor stopped.
         assert!(TcpStream::connect(addr).await.is_err());
     }
 }
