@@ -5,7 +5,9 @@
 //!   Streamable HTTP ([`mcp`])
 //! - `/tools/{name}/...`: a plain HTTP tool (`http_url`) ([`http_tool`])
 //!
-//! The admin listener (`admin_listen`) is described in [`admin`].
+//! The admin listener (`admin_listen`) is described in [`admin`]. Tool traffic is served from
+//! one thread per CPU, each with a single-threaded runtime of its own (`serve.rs`); the rest
+//! (admin, reloads, reporting, stdio servers) runs on the caller's runtime.
 //!
 //! A tool call goes through these steps, each in its own module: the body cap
 //! ([`upstream::read_limited`]), the policy check of the call ([`policy_check`]), forwarding
