@@ -444,3 +444,57 @@ async fn progress_of_a_stdio_server_reaches_the_agent_that_asked_for_it() {
     assert!(ty.starts_with("application/json"), "{ty}: {body}");
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancellation_reaches_only_the_request_it_names() {
+    let exe = stdio_server_path();
+    let sidecar = Sidecar::start(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: local\n    mcp_command: [{}]\n", exe.display()),
+    )
+    .await;
+    let url = sidecar.mcp_url("local");
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}});
+    post_mcp(&url, init).await;
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    post_mcp(&url, note).await;
+    let slow = |id: u64| {
+        let msg = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+            "name": "slow", "arguments": {"ms": 1500}}});
+        tokio::spawn(post_mcp_owned(url.clone(), msg))
+    };
+    let cancel = |id: u64| {
+        post_mcp(
+            &url,
+            json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                "params": {"requestId": id}}),
+        )
+    };
+
+    // The process numbers requests 1 (initialize), 2, ...: another agent cancelling its own
+    // request 2, long finished, must not stop this agent's request 7.
+    let call = slow(7);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    cancel(2).await;
+    let answered = tokio::time::timeout(PATIENCE, call).await;
+    let (_, body) = answered.expect("the request was cancelled").unwrap();
+    assert!(body.contains("\"done\""), "{body}");
+
+    // The agent cancelling its own request 8 stops it: the server does not answer a cancelled
+    // request, so no "done" comes once the tool would have finished.
+    let call = slow(8);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    cancel(8).await;
+    let answered = tokio::time::timeout(std::time::Duration::from_millis(3000), call).await;
+    if let Ok(answer) = answered {
+        let (_, body) = answer.unwrap();
+        assert!(!body.contains("\"done\""), "{body}");
+    }
+    sidecar.stop().await;
+}
+
+async fn post_mcp_owned(url: String, msg: serde_json::Value) -> (String, String) {
+    post_mcp(&url, msg).await
+}

@@ -51,6 +51,8 @@ struct Conn {
     stdin: mpsc::Sender<String>,
     pending: PendingMap,
     progress: ProgressMap,
+    /// The agent's id of each request in flight, by its internal id, for cancellations.
+    agent_ids: Mutex<HashMap<u64, Value>>,
 }
 
 struct InitCache {
@@ -169,6 +171,13 @@ impl StdioServer {
                 (Some("notifications/initialized"), None) if self.lock_init().is_some() => {
                     // The process was initialized already (by this or another agent).
                 }
+                (Some("notifications/cancelled"), None)
+                    if !retarget_cancellation(&conn, &mut msg) =>
+                {
+                    // Not one request in flight by that id: forwarded as it is, it could stop
+                    // another agent's request that has it as its internal id.
+                    tracing::debug!(upstream = %self.name, "dropping a cancellation of no request in flight");
+                }
                 _ => {
                     let line = Value::Object(msg).to_string();
                     conn.stdin
@@ -207,7 +216,9 @@ impl StdioServer {
         progress: Option<&mpsc::Sender<String>>,
     ) -> Result<(oneshot::Receiver<Map<String, Value>>, bool), UpstreamFailed> {
         let internal = self.next_id.fetch_add(1, Ordering::Relaxed);
-        msg.insert("id".into(), Value::from(internal));
+        if let Some(agent_id) = msg.insert("id".into(), Value::from(internal)) {
+            lock(&conn.agent_ids).insert(internal, agent_id);
+        }
         let (tx, rx) = oneshot::channel();
         lock(&conn.pending).insert(internal, tx);
         guard.ids.push(internal);
@@ -373,6 +384,24 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
         })
 }
 
+/// Points a `notifications/cancelled` at the internal id of the request it names, if exactly one
+/// request in flight has that id (agents sharing the process have no sessions to tell theirs
+/// apart). Says whether it did.
+fn retarget_cancellation(conn: &Conn, msg: &mut Map<String, Value>) -> bool {
+    let Some(target) = msg.get_mut("params").and_then(|p| p.get_mut("requestId")) else {
+        return false;
+    };
+    let agent_ids = lock(&conn.agent_ids);
+    let mut matching = agent_ids.iter().filter(|(_, a)| *a == target);
+    match (matching.next(), matching.next()) {
+        (Some((internal, _)), None) => {
+            *target = Value::from(*internal);
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Replaces a request's `params._meta.progressToken` with `internal`, returning the agent's.
 fn swap_progress_token(msg: &mut Map<String, Value>, internal: u64) -> Option<Value> {
     let meta = msg.get_mut("params")?.get_mut("_meta")?.as_object_mut()?;
@@ -397,6 +426,11 @@ impl Drop for PendingGuard {
         let mut progress = lock(&self.conn.progress);
         for id in &self.ids {
             progress.remove(id);
+        }
+        drop(progress);
+        let mut agent_ids = lock(&self.conn.agent_ids);
+        for id in &self.ids {
+            agent_ids.remove(id);
         }
     }
 }
@@ -485,6 +519,7 @@ async fn run_once(
         stdin: tx,
         pending: Mutex::new(HashMap::new()),
         progress: Mutex::new(HashMap::new()),
+        agent_ids: Mutex::new(HashMap::new()),
     });
     let writer = tokio::spawn(async move {
         while let Some(mut line) = rx.recv().await {

@@ -68,10 +68,16 @@ impl TestTools {
         format!("ran {command}")
     }
 
-    #[tool(description = "Answer after `ms` milliseconds")]
-    async fn slow(&self, Parameters(SlowArgs { ms }): Parameters<SlowArgs>) -> String {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
-        "done".into()
+    #[tool(description = "Answer after `ms` milliseconds, or when cancelled")]
+    async fn slow(
+        &self,
+        Parameters(SlowArgs { ms }): Parameters<SlowArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> String {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => "done".into(),
+            _ = ctx.ct.cancelled() => "cancelled".into(),
+        }
     }
 
     #[tool(description = "Report progress 1 to 3 (when asked for it), then answer")]
