@@ -1,5 +1,5 @@
 //! A small MCP server over stdio, for trying `mcp_command` upstreams and for the end-to-end
-//! tests: `add`, `echo`, `shell` (harmless: it only echoes), `slow`, `leak`, `fail` (an
+//! tests: `add`, `echo`, `shell` (harmless: it only echoes), `slow`, `progress`, `leak`, `fail` (an
 //! `isError` result) and `crash`.
 //!
 //! ```sh

@@ -364,3 +364,137 @@ async fn no_call_fails_while_policies_reload() {
     sidecar.stop().await;
     ct.cancel();
 }
+
+/// Posts one JSON-RPC message as an agent that takes JSON or an event stream; returns the
+/// answer's content type and body.
+async fn post_mcp(url: &str, msg: serde_json::Value) -> (String, String) {
+    let res = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(msg.to_string())
+        .send()
+        .await
+        .unwrap();
+    let ty = res
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (ty, res.text().await.unwrap())
+}
+
+/// The JSON messages of an event-stream body, in order.
+fn stream_messages(body: &str) -> Vec<serde_json::Value> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| serde_json::from_str(d.trim()).unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_of_a_stdio_server_reaches_the_agent_that_asked_for_it() {
+    let exe = stdio_server_path();
+    let sidecar = Sidecar::start(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: local\n    mcp_command: [{}]\n", exe.display()),
+    )
+    .await;
+    let url = sidecar.mcp_url("local");
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}});
+    post_mcp(&url, init).await;
+    post_mcp(
+        &url,
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await;
+
+    // Two agents share the process and happen to pick the same request id and progress token:
+    // each gets its own progress, with its own token, on the stream that answers its POST,
+    // before the result (official SDK clients open no GET stream without a session id).
+    let ask = || {
+        let msg = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+            "name": "progress", "arguments": {}, "_meta": {"progressToken": "mine"}}});
+        post_mcp(&url, msg)
+    };
+    let (a, b) = tokio::join!(ask(), ask());
+    for (ty, body) in [a, b] {
+        assert!(ty.starts_with("text/event-stream"), "{ty}: {body}");
+        let msgs = stream_messages(&body);
+        let progress: Vec<_> = msgs
+            .iter()
+            .filter(|m| m["method"] == "notifications/progress")
+            .collect();
+        assert_eq!(progress.len(), 3, "{body}");
+        for (i, p) in progress.iter().enumerate() {
+            assert_eq!(p["params"]["progressToken"], "mine", "{body}");
+            assert_eq!(p["params"]["progress"], json!((i + 1) as f64), "{body}");
+        }
+        let last = msgs.last().unwrap();
+        assert_eq!(last["id"], 7, "{body}");
+        assert_eq!(last["result"]["content"][0]["text"], "done", "{body}");
+    }
+
+    // Without a progress token the answer stays plain JSON.
+    let msg = json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": {
+        "name": "add", "arguments": {"a": 1, "b": 2}}});
+    let (ty, body) = post_mcp(&url, msg).await;
+    assert!(ty.starts_with("application/json"), "{ty}: {body}");
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancellation_reaches_only_the_request_it_names() {
+    let exe = stdio_server_path();
+    let sidecar = Sidecar::start(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: local\n    mcp_command: [{}]\n", exe.display()),
+    )
+    .await;
+    let url = sidecar.mcp_url("local");
+    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": "raw", "version": "1"}}});
+    post_mcp(&url, init).await;
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    post_mcp(&url, note).await;
+    let slow = |id: u64| {
+        let msg = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+            "name": "slow", "arguments": {"ms": 1500}}});
+        tokio::spawn(post_mcp_owned(url.clone(), msg))
+    };
+    let cancel = |id: u64| {
+        post_mcp(
+            &url,
+            json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                "params": {"requestId": id}}),
+        )
+    };
+
+    // The process numbers requests 1 (initialize), 2, ...: another agent cancelling its own
+    // request 2, long finished, must not stop this agent's request 7.
+    let call = slow(7);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    cancel(2).await;
+    let answered = tokio::time::timeout(PATIENCE, call).await;
+    let (_, body) = answered.expect("the request was cancelled").unwrap();
+    assert!(body.contains("\"done\""), "{body}");
+
+    // The agent cancelling its own request 8 stops it: the server does not answer a cancelled
+    // request, so no "done" comes once the tool would have finished.
+    let call = slow(8);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    cancel(8).await;
+    let answered = tokio::time::timeout(std::time::Duration::from_millis(3000), call).await;
+    if let Ok(answer) = answered {
+        let (_, body) = answer.unwrap();
+        assert!(!body.contains("\"done\""), "{body}");
+    }
+    sidecar.stop().await;
+}
+
+async fn post_mcp_owned(url: String, msg: serde_json::Value) -> (String, String) {
+    post_mcp(&url, msg).await
+}

@@ -5,7 +5,8 @@
 //! `max_memory_mb`, and is killed with the sidecar. If it dies, the calls in flight get an
 //! error and it is started again with backoff; the agent's `initialize` is replayed so that the
 //! session carries on. Request ids are renumbered so that several agent connections can share
-//! the one process.
+//! the one process, and so are progress tokens: a request's progress notifications go to the
+//! agent that sent it, on the event stream that answers its POST.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,11 +39,20 @@ const HEALTHY_RUN: Duration = Duration::from_secs(30);
 const WAIT_FOR_PROCESS: Duration = Duration::from_secs(10);
 
 type PendingMap = Mutex<HashMap<u64, oneshot::Sender<Map<String, Value>>>>;
+/// The requests that asked for progress, by the token the process sees (the request's internal
+/// id): the agent's own token, and where its notifications go.
+type ProgressMap = Mutex<HashMap<u64, (Value, mpsc::Sender<String>)>>;
+
+/// Progress notifications one POST may have waiting before the oldest are dropped.
+const PROGRESS_BUFFER: usize = 64;
 
 /// One running process.
 struct Conn {
     stdin: mpsc::Sender<String>,
     pending: PendingMap,
+    progress: ProgressMap,
+    /// The agent's id of each request in flight, by its internal id, for cancellations.
+    agent_ids: Mutex<HashMap<u64, Value>>,
 }
 
 struct InitCache {
@@ -54,7 +64,7 @@ pub struct StdioServer {
     name: Arc<str>,
     conn: watch::Sender<Option<Arc<Conn>>>,
     next_id: AtomicU64,
-    init: Mutex<Option<InitCache>>,
+    init: Arc<Mutex<Option<InitCache>>>,
     /// Messages the server sends on its own (requests, notifications), for GET streams.
     events: broadcast::Sender<String>,
 }
@@ -73,7 +83,7 @@ impl StdioServer {
             name,
             conn: watch::Sender::new(None),
             next_id: AtomicU64::new(1),
-            init: Mutex::new(None),
+            init: Arc::new(Mutex::new(None)),
             events: broadcast::channel(256).0,
         });
         let task = tokio::spawn(supervise(
@@ -97,11 +107,11 @@ impl StdioServer {
     pub async fn send(
         &self,
         method: Method,
-        _headers: &HeaderMap,
+        headers: &HeaderMap,
         body: Bytes,
     ) -> Result<Response<Body>, UpstreamFailed> {
         match method {
-            Method::POST => self.post(body).await,
+            Method::POST => self.post(headers, body).await,
             Method::GET => Ok(self.event_stream()),
             _ => {
                 let mut res = Response::new(Body::empty());
@@ -113,7 +123,11 @@ impl StdioServer {
         }
     }
 
-    async fn post(&self, body: Bytes) -> Result<Response<Body>, UpstreamFailed> {
+    async fn post(
+        &self,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response<Body>, UpstreamFailed> {
         let parsed = jsonrpc::parse_body(&body).map_err(|m| self.failed(m.0))?;
         let conn = self.connection().await?;
         let mut waits = Vec::new();
@@ -122,6 +136,10 @@ impl StdioServer {
             conn: conn.clone(),
             ids: Vec::new(),
         };
+        // Progress can only reach an agent that accepts an event stream as the answer.
+        let (progress_tx, progress_rx) = mpsc::channel(PROGRESS_BUFFER);
+        let progress_tx = accepts_event_stream(headers).then_some(progress_tx);
+        let mut wants_progress = false;
         for raw in &parsed.messages {
             let Ok(mut msg) = serde_json::from_str::<Map<String, Value>>(raw.get()) else {
                 answers.push(jsonrpc::error_message(
@@ -141,15 +159,24 @@ impl StdioServer {
                         continue;
                     }
                     let params = msg.get("params").cloned().unwrap_or(Value::Null);
-                    let rx = self.forward(&conn, &mut guard, &mut msg).await?;
+                    let (rx, _) = self.forward(&conn, &mut guard, &mut msg, None).await?;
                     waits.push((id, rx, Some(params)));
                 }
                 (Some(_), Some(id)) => {
-                    let rx = self.forward(&conn, &mut guard, &mut msg).await?;
+                    let progress = progress_tx.as_ref();
+                    let (rx, asked) = self.forward(&conn, &mut guard, &mut msg, progress).await?;
+                    wants_progress |= asked;
                     waits.push((id, rx, None));
                 }
                 (Some("notifications/initialized"), None) if self.lock_init().is_some() => {
                     // The process was initialized already (by this or another agent).
+                }
+                (Some("notifications/cancelled"), None)
+                    if !retarget_cancellation(&conn, &mut msg) =>
+                {
+                    // Not one request in flight by that id: forwarded as it is, it could stop
+                    // another agent's request that has it as its internal id.
+                    tracing::debug!(upstream = %self.name, "dropping a cancellation of no request in flight");
                 }
                 _ => {
                     let line = Value::Object(msg).to_string();
@@ -160,28 +187,12 @@ impl StdioServer {
                 }
             }
         }
+        drop(progress_tx);
+        if wants_progress {
+            return Ok(self.event_stream_answer(guard, waits, answers, progress_rx));
+        }
         for (id, rx, init_params) in waits {
-            let answer = match rx.await {
-                Ok(mut reply) => {
-                    if let (Some(params), Some(result)) = (init_params, reply.get("result")) {
-                        *self.lock_init() = Some(InitCache {
-                            params,
-                            result: result.clone(),
-                        });
-                    }
-                    reply.insert("id".into(), id);
-                    Value::Object(reply).to_string()
-                }
-                Err(_) => jsonrpc::error_message(
-                    Some(&id.to_string()),
-                    jsonrpc::INTERNAL_ERROR,
-                    &format!(
-                        "the tool server `{}` exited before answering; it is being restarted",
-                        self.name
-                    ),
-                ),
-            };
-            answers.push(answer);
+            answers.push(answer(&self.name, &self.init, id, rx, init_params).await);
         }
         drop(guard);
         if answers.is_empty() {
@@ -195,23 +206,95 @@ impl StdioServer {
         ))
     }
 
-    /// Renumbers a request, registers it and writes it to the process.
+    /// Renumbers a request (and its progress token, when there is somewhere to send its
+    /// progress), registers it and writes it to the process. Says whether it asked for progress.
     async fn forward(
         &self,
         conn: &Conn,
         guard: &mut PendingGuard,
         msg: &mut Map<String, Value>,
-    ) -> Result<oneshot::Receiver<Map<String, Value>>, UpstreamFailed> {
+        progress: Option<&mpsc::Sender<String>>,
+    ) -> Result<(oneshot::Receiver<Map<String, Value>>, bool), UpstreamFailed> {
         let internal = self.next_id.fetch_add(1, Ordering::Relaxed);
-        msg.insert("id".into(), Value::from(internal));
+        if let Some(agent_id) = msg.insert("id".into(), Value::from(internal)) {
+            lock(&conn.agent_ids).insert(internal, agent_id);
+        }
         let (tx, rx) = oneshot::channel();
         lock(&conn.pending).insert(internal, tx);
         guard.ids.push(internal);
+        let mut asked = false;
+        if let Some(progress) = progress {
+            if let Some(token) = swap_progress_token(msg, internal) {
+                lock(&conn.progress).insert(internal, (token, progress.clone()));
+                asked = true;
+            }
+        }
         conn.stdin
             .send(Value::Object(std::mem::take(msg)).to_string())
             .await
             .map_err(|_| self.failed("the tool process exited"))?;
-        Ok(rx)
+        Ok((rx, asked))
+    }
+
+    /// Answers a POST whose requests asked for progress as an event stream: their progress
+    /// notifications as they come, then the answers. The agent hanging up forgets the requests.
+    fn event_stream_answer(
+        &self,
+        guard: PendingGuard,
+        waits: Vec<Wait>,
+        answered: Vec<String>,
+        mut progress: mpsc::Receiver<String>,
+    ) -> Response<Body> {
+        let (out, rx) = mpsc::channel::<Bytes>(PROGRESS_BUFFER);
+        let (name, init) = (self.name.clone(), self.init.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            let answers = async {
+                let mut all = answered;
+                for (id, rx, init_params) in waits {
+                    all.push(answer(&name, &init, id, rx, init_params).await);
+                }
+                all
+            };
+            tokio::pin!(answers);
+            let answers = loop {
+                tokio::select! {
+                    biased;
+                    Some(note) = progress.recv() => {
+                        if out.send(Bytes::from(sse::message_event(&note))).await.is_err() {
+                            return;
+                        }
+                    }
+                    all = &mut answers => break all,
+                    _ = out.closed() => return,
+                }
+            };
+            // Progress written before the answer may still be queued.
+            while let Ok(note) = progress.try_recv() {
+                if out
+                    .send(Bytes::from(sse::message_event(&note)))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            for a in answers {
+                if out.send(Bytes::from(sse::message_event(&a))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(chunk), rx))
+        });
+        let mut res = Response::new(Body::from_stream(stream));
+        res.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        res
     }
 
     /// The running process, waiting a while for one that is (re)starting.
@@ -257,6 +340,75 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A forwarded request: the agent's id, where its answer comes, and the `initialize` params to
+/// remember if it is one.
+type Wait = (Value, oneshot::Receiver<Map<String, Value>>, Option<Value>);
+
+/// The answer to one forwarded request, under the agent's id.
+async fn answer(
+    name: &str,
+    init: &Mutex<Option<InitCache>>,
+    id: Value,
+    rx: oneshot::Receiver<Map<String, Value>>,
+    init_params: Option<Value>,
+) -> String {
+    match rx.await {
+        Ok(mut reply) => {
+            if let (Some(params), Some(result)) = (init_params, reply.get("result")) {
+                *lock(init) = Some(InitCache {
+                    params,
+                    result: result.clone(),
+                });
+            }
+            reply.insert("id".into(), id);
+            Value::Object(reply).to_string()
+        }
+        Err(_) => jsonrpc::error_message(
+            Some(&id.to_string()),
+            jsonrpc::INTERNAL_ERROR,
+            &format!("the tool server `{name}` exited before answering; it is being restarted"),
+        ),
+    }
+}
+
+/// Whether the agent takes an event stream as the answer to its POST.
+fn accepts_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let t = t.split(';').next().unwrap_or("").trim();
+            t.eq_ignore_ascii_case("text/event-stream")
+        })
+}
+
+/// Points a `notifications/cancelled` at the internal id of the request it names, if exactly one
+/// request in flight has that id (agents sharing the process have no sessions to tell theirs
+/// apart). Says whether it did.
+fn retarget_cancellation(conn: &Conn, msg: &mut Map<String, Value>) -> bool {
+    let Some(target) = msg.get_mut("params").and_then(|p| p.get_mut("requestId")) else {
+        return false;
+    };
+    let agent_ids = lock(&conn.agent_ids);
+    let mut matching = agent_ids.iter().filter(|(_, a)| *a == target);
+    match (matching.next(), matching.next()) {
+        (Some((internal, _)), None) => {
+            *target = Value::from(*internal);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Replaces a request's `params._meta.progressToken` with `internal`, returning the agent's.
+fn swap_progress_token(msg: &mut Map<String, Value>, internal: u64) -> Option<Value> {
+    let meta = msg.get_mut("params")?.get_mut("_meta")?.as_object_mut()?;
+    let token = meta.get_mut("progressToken")?;
+    Some(std::mem::replace(token, Value::from(internal)))
+}
+
 /// Forgets a request's pending entry when its caller goes away (a deadline, a client that hung
 /// up), so that nothing accumulates.
 struct PendingGuard {
@@ -269,6 +421,16 @@ impl Drop for PendingGuard {
         let mut pending = lock(&self.conn.pending);
         for id in &self.ids {
             pending.remove(id);
+        }
+        drop(pending);
+        let mut progress = lock(&self.conn.progress);
+        for id in &self.ids {
+            progress.remove(id);
+        }
+        drop(progress);
+        let mut agent_ids = lock(&self.conn.agent_ids);
+        for id in &self.ids {
+            agent_ids.remove(id);
         }
     }
 }
@@ -356,6 +518,8 @@ async fn run_once(
     let conn = Arc::new(Conn {
         stdin: tx,
         pending: Mutex::new(HashMap::new()),
+        progress: Mutex::new(HashMap::new()),
+        agent_ids: Mutex::new(HashMap::new()),
     });
     let writer = tokio::spawn(async move {
         while let Some(mut line) = rx.recv().await {
@@ -402,6 +566,7 @@ async fn run_once(
     server.conn.send_replace(None);
     // Dropping the senders tells every waiting caller that the process is gone.
     lock(&conn.pending).clear();
+    lock(&conn.progress).clear();
     kill_group(pid);
     reader.abort();
     writer.abort();
@@ -433,9 +598,10 @@ async fn replay_initialize(server: &StdioServer, conn: &Conn, params: Value) -> 
     }
 }
 
-/// Routes one line from the process: an answer to its caller, anything else to GET streams.
+/// Routes one line from the process: an answer to its caller, progress to the stream of the
+/// request it is about, anything else to GET streams.
 fn dispatch(conn: &Conn, events: &broadcast::Sender<String>, line: &str) {
-    let Ok(msg) = serde_json::from_str::<Map<String, Value>>(line) else {
+    let Ok(mut msg) = serde_json::from_str::<Map<String, Value>>(line) else {
         tracing::debug!(line, "ignoring a line that is not a JSON-RPC message");
         return;
     };
@@ -447,6 +613,22 @@ fn dispatch(conn: &Conn, events: &broadcast::Sender<String>, line: &str) {
             }
         }
         return;
+    }
+    if msg.get("method").and_then(Value::as_str) == Some("notifications/progress") {
+        let token = msg
+            .get_mut("params")
+            .and_then(|p| p.get_mut("progressToken"));
+        if let Some(token) = token {
+            let caller = token
+                .as_u64()
+                .and_then(|t| lock(&conn.progress).get(&t).cloned());
+            if let Some((original, tx)) = caller {
+                *token = original;
+                // Progress is advisory: a notification the agent is too slow for is dropped.
+                let _ = tx.try_send(Value::Object(msg).to_string());
+                return;
+            }
+        }
     }
     // Nobody listening is fine: such messages are optional for the server to deliver.
     let _ = events.send(line.to_owned());

@@ -5,8 +5,11 @@
 use std::time::Duration;
 
 use rmcp::handler::server::{router::tool::ToolRouter, wrapper::Parameters};
-use rmcp::model::{CallToolResult, ContentBlock, ServerCapabilities, ServerConfig};
-use rmcp::{ServerHandler, schemars, tool, tool_handler, tool_router};
+use rmcp::model::{
+    CallToolResult, ContentBlock, ProgressNotificationParam, ServerCapabilities, ServerConfig,
+};
+use rmcp::service::RequestContext;
+use rmcp::{RoleServer, ServerHandler, schemars, tool, tool_handler, tool_router};
 
 #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
 pub struct AddArgs {
@@ -65,9 +68,26 @@ impl TestTools {
         format!("ran {command}")
     }
 
-    #[tool(description = "Answer after `ms` milliseconds")]
-    async fn slow(&self, Parameters(SlowArgs { ms }): Parameters<SlowArgs>) -> String {
-        tokio::time::sleep(Duration::from_millis(ms)).await;
+    #[tool(description = "Answer after `ms` milliseconds, or when cancelled")]
+    async fn slow(
+        &self,
+        Parameters(SlowArgs { ms }): Parameters<SlowArgs>,
+        ctx: RequestContext<RoleServer>,
+    ) -> String {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => "done".into(),
+            _ = ctx.ct.cancelled() => "cancelled".into(),
+        }
+    }
+
+    #[tool(description = "Report progress 1 to 3 (when asked for it), then answer")]
+    async fn progress(&self, ctx: RequestContext<RoleServer>) -> String {
+        if let Some(token) = ctx.meta.get_progress_token() {
+            for step in 1..=3 {
+                let note = ProgressNotificationParam::new(token.clone(), f64::from(step));
+                let _ = ctx.peer.notify_progress(note.with_total(3.0)).await;
+            }
+        }
         "done".into()
     }
 
