@@ -1,14 +1,15 @@
-//! Serving a router on a listener: HTTP/1.1, `TCP_NODELAY`, a deadline for request headers
+//! Serving a service on a listener: HTTP/1.1, `TCP_NODELAY`, a deadline for request headers
 //! (slow clients are cut off rather than holding a connection), graceful shutdown with a grace
 //! period.
 
 use std::time::Duration;
 
-use axum::Router;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper::service::Service;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -17,12 +18,19 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves until `stop` is cancelled, then waits up to `grace` for open connections (event
 /// streams do not end by themselves) to finish.
-pub async fn serve(
+pub async fn serve<S, B>(
     listener: TcpListener,
-    router: Router,
+    service: S,
     stop: CancellationToken,
     grace: Duration,
-) {
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let graceful = GracefulShutdown::new();
     loop {
         let accepted = tokio::select! {
@@ -39,11 +47,10 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(router.clone());
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
+            .serve_connection(TokioIo::new(stream), service.clone());
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
