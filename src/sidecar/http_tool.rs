@@ -8,7 +8,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, Uri};
 use http_body_util::Full;
-use perfecx_policy::{Content, Enforcement};
+use perfecx_policy::{Content, Enforcement, Limit};
 
 use super::Shared;
 use super::calls::{Finish, Tracker};
@@ -126,14 +126,17 @@ where
             })),
         }
     };
-    let result: Result<_, Refusal> = match &deadline {
-        Some((ms, refusal)) => {
-            match tokio::time::timeout(std::time::Duration::from_millis(*ms), call).await {
-                Ok(r) => r.map_err(|e: Refusal| e),
-                Err(_) => Err(refusal.clone()),
+    let result: Result<_, Refusal> = match deadline {
+        Some(limit) => {
+            match tokio::time::timeout(std::time::Duration::from_millis(limit.value), call).await {
+                Ok(r) => r,
+                Err(_) => Err(Refusal::from(DeadlineExceeded {
+                    limit_ms: limit.value,
+                    policy: limit.policy.clone(),
+                })),
             }
         }
-        None => call.await.map_err(|e: Refusal| e),
+        None => call.await,
     };
     let (mut parts, bytes) = match result {
         Ok(r) => r,
@@ -299,17 +302,10 @@ fn target(base: &Uri, rest: &str, query: Option<&str>) -> Option<Uri> {
     Uri::builder().path_and_query(pq).build().ok()
 }
 
-fn deadline(active: &Active) -> Option<(u64, Refusal)> {
+/// A strict `max_execution_time_ms`: calls that take longer are cut off.
+fn deadline(active: &Active) -> Option<&Limit> {
     let limit = active.set.limits().max_execution_time_ms.as_ref()?;
-    (limit.enforcement == Enforcement::Strict).then(|| {
-        (
-            limit.value,
-            Refusal::from(DeadlineExceeded {
-                limit_ms: limit.value,
-                policy: limit.policy.clone(),
-            }),
-        )
-    })
+    (limit.enforcement == Enforcement::Strict).then_some(limit)
 }
 
 #[cfg(test)]
