@@ -230,7 +230,7 @@ fn tool_listener(
     hyper::service::service_fn(move |req: http::Request<Incoming>| {
         match plain_tool_name(req.method(), req.uri().path()) {
             Some(name) => {
-                let found = http_upstream(&shared, name);
+                let found = http_upstream(&shared, name).ok_or_else(|| unknown_upstream(name));
                 let shared = shared.clone();
                 Either::Left(async move {
                     Ok(match found {
@@ -313,17 +313,18 @@ async fn tool_route(
 
 async fn tool(shared: Arc<Shared>, name: &str, req: Request) -> Response<Body> {
     match http_upstream(&shared, name) {
-        Ok(up) => http_tool::handle(shared, up, req).await,
-        Err(unknown) => unknown,
+        Some(up) => http_tool::handle(shared, up, req).await,
+        None => unknown_upstream(name),
     }
 }
 
-/// The plain HTTP tool named `name`, or the answer for a name that is none.
-fn http_upstream(shared: &Shared, name: &str) -> Result<Arc<Upstream>, Response<Body>> {
-    match shared.upstreams.get(name) {
-        Some(up) if matches!(up.transport, Transport::Http(_)) => Ok(up.clone()),
-        _ => Err(unknown_upstream(name)),
-    }
+/// The plain HTTP tool named `name`.
+fn http_upstream(shared: &Shared, name: &str) -> Option<Arc<Upstream>> {
+    shared
+        .upstreams
+        .get(name)
+        .filter(|up| matches!(up.transport, Transport::Http(_)))
+        .cloned()
 }
 
 /// The path after `/tools/{name}`, as the agent sent it (still percent-encoded: the extracted
