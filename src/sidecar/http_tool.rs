@@ -8,7 +8,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, Uri};
 use http_body_util::Full;
-use perfecx_policy::{Content, Enforcement};
+use perfecx_policy::{Content, Enforcement, Limit};
 
 use super::Shared;
 use super::calls::{Finish, Tracker};
@@ -21,16 +21,15 @@ use super::policy_check::{CallVerdict, check_call};
 use super::pool::ExchangeError;
 use super::rescue;
 use super::upstream::{
-    ReadError, Upstream, media_type_is, outgoing_headers, read_limited, strip_hop_by_hop,
+    ReadError, Transport, Upstream, media_type_is, outgoing_headers, read_limited, strip_hop_by_hop,
 };
 
-pub async fn handle(
-    shared: Arc<Shared>,
-    up: Arc<Upstream>,
-    base: Uri,
-    rest: String,
-    req: Request<Body>,
-) -> Response<Body> {
+/// Answers a call of the plain HTTP tool `up`.
+pub async fn handle<B>(shared: Arc<Shared>, up: Arc<Upstream>, req: Request<B>) -> Response<Body>
+where
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let tool: &str = &up.name;
     let tracker = shared.tracker(up.name.clone());
     let span = tracker.span(tool);
@@ -47,25 +46,27 @@ pub async fn handle(
     let bytes =
         match tokio::time::timeout(CLIENT_BODY_TIMEOUT, read_limited(body, cap, "request body"))
             .await
+            .ok()
         {
-            Err(_) => {
+            None => {
                 return rescue::http_error(&Refusal::from(Unjudgeable {
                     reason: "the request body did not arrive in time".into(),
                 }));
             }
-            Ok(Err(ReadError::TooLarge(t))) => return rescue::http_error(&t.into()),
-            Ok(Err(ReadError::Failed(m))) => {
+            Some(Err(ReadError::TooLarge(t))) => return rescue::http_error(&t.into()),
+            Some(Err(ReadError::Failed(m))) => {
                 return rescue::http_error(&Refusal::from(Unjudgeable {
                     reason: format!("cannot read the body: {m}"),
                 }));
             }
-            Ok(Ok(b)) => b,
+            Some(Ok(b)) => b,
         };
 
     // Judge the body, then the path and query: all of them carry arguments.
+    let rest = super::raw_rest(parts.uri.path());
     let query = parts.uri.query();
     let judged =
-        span.in_scope(|| judge(&tracker, &active, tool, &parts.headers, bytes, &rest, query));
+        span.in_scope(|| judge(&tracker, &active, tool, &parts.headers, bytes, rest, query));
     let body = match judged {
         Ok(judged) => judged,
         Err(refusal) => {
@@ -75,7 +76,13 @@ pub async fn handle(
     };
     let redacted = body.1;
 
-    let target = target(&base, &rest, query).zip(up.pool.as_ref());
+    let base = match &up.transport {
+        Transport::Http(base) => Some(base),
+        Transport::Mcp(_) | Transport::Stdio(_) => None,
+    };
+    let target = base
+        .and_then(|base| target(base, rest, query))
+        .zip(up.pool.as_ref());
     let (uri, pool) = match target {
         Some(t) => t,
         None => {
@@ -89,7 +96,7 @@ pub async fn handle(
     let mut tracker = tracker;
     tracker.alert_after(&active);
     let input = if tracker.reporting() {
-        let text = input_text(&parts.method, &rest, query, &body.0);
+        let text = input_text(&parts.method, rest, query, &body.0);
         tracker.capture(Some(&active.set), &text, false, Checked::Yes)
     } else {
         None
@@ -119,14 +126,17 @@ pub async fn handle(
             })),
         }
     };
-    let result: Result<_, Refusal> = match &deadline {
-        Some((ms, refusal)) => {
-            match tokio::time::timeout(std::time::Duration::from_millis(*ms), call).await {
-                Ok(r) => r.map_err(|e: Refusal| e),
-                Err(_) => Err(refusal.clone()),
+    let result: Result<_, Refusal> = match deadline {
+        Some(limit) => {
+            match tokio::time::timeout(std::time::Duration::from_millis(limit.value), call).await {
+                Ok(r) => r,
+                Err(_) => Err(Refusal::from(DeadlineExceeded {
+                    limit_ms: limit.value,
+                    policy: limit.policy.clone(),
+                })),
             }
         }
-        None => call.await.map_err(|e: Refusal| e),
+        None => call.await,
     };
     let (mut parts, bytes) = match result {
         Ok(r) => r,
@@ -292,17 +302,10 @@ fn target(base: &Uri, rest: &str, query: Option<&str>) -> Option<Uri> {
     Uri::builder().path_and_query(pq).build().ok()
 }
 
-fn deadline(active: &Active) -> Option<(u64, Refusal)> {
+/// A strict `max_execution_time_ms`: calls that take longer are cut off.
+fn deadline(active: &Active) -> Option<&Limit> {
     let limit = active.set.limits().max_execution_time_ms.as_ref()?;
-    (limit.enforcement == Enforcement::Strict).then(|| {
-        (
-            limit.value,
-            Refusal::from(DeadlineExceeded {
-                limit_ms: limit.value,
-                policy: limit.policy.clone(),
-            }),
-        )
-    })
+    (limit.enforcement == Enforcement::Strict).then_some(limit)
 }
 
 #[cfg(test)]

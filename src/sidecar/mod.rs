@@ -45,6 +45,7 @@ mod time;
 pub mod upstream;
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,7 +55,11 @@ use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::response::Response;
 use axum::routing::any;
-use http::StatusCode;
+use futures_util::future::Either;
+use http::{Method, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::Service;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -187,14 +192,14 @@ pub async fn run(
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let tools = tokio::spawn(serve::serve_on_workers(
         listener,
-        router(shared.clone()),
+        tool_listener(shared.clone()),
         stop.clone(),
         SHUTDOWN_GRACE,
         workers,
     )?);
     let admin = tokio::spawn(serve::serve(
         admin,
-        admin::router(shared),
+        TowerToHyperService::new(admin::router(shared)),
         stop.clone(),
         SHUTDOWN_GRACE,
     ));
@@ -209,6 +214,55 @@ pub async fn run(
         reporting.shutdown().await;
     }
     Ok(())
+}
+
+/// The tool listener's service. A plain HTTP tool call of the usual shape goes straight to its
+/// handler: the router's matching, path extraction and boxing cost more than the rest of the
+/// sidecar's own code per call. Everything else goes through the router, which answers it as
+/// before.
+fn tool_listener(
+    shared: Arc<Shared>,
+) -> impl Service<
+    http::Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    let router = TowerToHyperService::new(router(shared.clone()));
+    hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        match plain_tool_name(req.method(), req.uri().path()) {
+            Some(name) => {
+                let found = http_upstream(&shared, name).ok_or_else(|| unknown_upstream(name));
+                let shared = shared.clone();
+                Either::Left(async move {
+                    Ok(match found {
+                        Ok(up) => http_tool::handle(shared, up, req).await,
+                        Err(unknown) => unknown,
+                    })
+                })
+            }
+            None => Either::Right(router.call(req)),
+        }
+    })
+}
+
+/// The tool name of a plain HTTP tool call whose path the router would match as
+/// `/tools/{name}` or `/tools/{name}/{*rest}` with `name` as sent: not empty, no
+/// percent-escapes (the router decodes them), `rest` not empty. `None` for anything else, and
+/// for `HEAD` (the router strips the body of its answer).
+fn plain_tool_name<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
+    if method == Method::HEAD {
+        return None;
+    }
+    let after = path.strip_prefix("/tools/")?;
+    let name = match after.split_once('/') {
+        Some((name, rest)) if !rest.is_empty() => name,
+        Some(_) => return None,
+        None => after,
+    };
+    (!name.is_empty() && !name.contains('%')).then_some(name)
 }
 
 /// The tool listener's routes.
@@ -250,7 +304,7 @@ async fn tool_route_root(
     Path(name): Path<String>,
     req: Request,
 ) -> Response<Body> {
-    tool(shared, name, req).await
+    tool(shared, &name, req).await
 }
 
 async fn tool_route(
@@ -258,41 +312,60 @@ async fn tool_route(
     Path((name, _)): Path<(String, String)>,
     req: Request,
 ) -> Response<Body> {
-    tool(shared, name, req).await
+    tool(shared, &name, req).await
+}
+
+async fn tool(shared: Arc<Shared>, name: &str, req: Request) -> Response<Body> {
+    match http_upstream(&shared, name) {
+        Some(up) => http_tool::handle(shared, up, req).await,
+        None => unknown_upstream(name),
+    }
+}
+
+/// The plain HTTP tool named `name`.
+fn http_upstream(shared: &Shared, name: &str) -> Option<Arc<Upstream>> {
+    shared
+        .upstreams
+        .get(name)
+        .filter(|up| matches!(up.transport, Transport::Http(_)))
+        .cloned()
 }
 
 /// The path after `/tools/{name}`, as the agent sent it (still percent-encoded: the extracted
 /// path parameters are decoded, and forwarding them decoded would change the request).
-fn raw_rest(path: &str) -> String {
+fn raw_rest(path: &str) -> &str {
     let after = path.strip_prefix("/tools/").unwrap_or("");
     match after.find('/') {
-        Some(i) => after[i..].to_owned(),
-        None => String::new(),
-    }
-}
-
-async fn tool(shared: Arc<Shared>, name: String, req: Request) -> Response<Body> {
-    let rest = raw_rest(req.uri().path());
-    match shared.upstreams.get(&name) {
-        Some(up) => match &up.transport {
-            Transport::Http(base) => {
-                let (up, base) = (up.clone(), base.clone());
-                http_tool::handle(shared, up, base, rest, req).await
-            }
-            _ => unknown_upstream(&name),
-        },
-        None => unknown_upstream(&name),
+        Some(i) => &after[i..],
+        None => "",
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::raw_rest;
+    use super::{Method, plain_tool_name, raw_rest};
 
     #[test]
     fn the_rest_of_a_tool_path_stays_encoded() {
         assert_eq!(raw_rest("/tools/web/a%2Fb/c"), "/a%2Fb/c");
         assert_eq!(raw_rest("/tools/web"), "");
         assert_eq!(raw_rest("/tools/web/"), "/");
+    }
+
+    #[test]
+    fn only_plain_tool_paths_bypass_the_router() {
+        let name = |p| plain_tool_name(&Method::POST, p);
+        assert_eq!(name("/tools/web/search"), Some("web"));
+        assert_eq!(name("/tools/web"), Some("web"));
+        assert_eq!(name("/tools/web//"), Some("web"));
+        assert_eq!(name("/tools/web/a%2Fb"), Some("web"));
+        // The router's business: an empty rest or name, escapes in the name, other routes.
+        assert_eq!(name("/tools/web/"), None);
+        assert_eq!(name("/tools//x"), None);
+        assert_eq!(name("/tools/"), None);
+        assert_eq!(name("/tools/w%65b/x"), None);
+        assert_eq!(name("/mcp/web"), None);
+        assert_eq!(name("/toolsweb"), None);
+        assert_eq!(plain_tool_name(&Method::HEAD, "/tools/web/x"), None);
     }
 }

@@ -1,4 +1,4 @@
-//! Serving a router on a listener: HTTP/1.1, `TCP_NODELAY`, a deadline for request headers
+//! Serving a service on a listener: HTTP/1.1, `TCP_NODELAY`, a deadline for request headers
 //! (slow clients are cut off rather than holding a connection), graceful shutdown with a grace
 //! period; for the tool traffic, from one thread per CPU ([`serve_on_workers`]).
 
@@ -7,11 +7,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use axum::Router;
+use http::{Request, Response};
+use hyper::body::Incoming;
 use hyper::server::conn::http1;
+use hyper::service::Service;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -19,24 +20,47 @@ use tokio_util::sync::CancellationToken;
 /// How long a client may take to send a request's headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What answers the requests of a listener's connections: a hyper service, cloned for each
+/// connection.
+pub trait Answer:
+    Service<Request<Incoming>, Response = Response<Self::Body>, Error: Into<BoxError>, Future: Send>
+    + Clone
+    + Send
+    + 'static
+{
+    type Body: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> Answer for S
+where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static,
+{
+    type Body = B;
+}
+
 /// Serves until `stop` is cancelled, then waits up to `grace` for open connections (event
 /// streams do not end by themselves) to finish.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    service: impl Answer,
     stop: CancellationToken,
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
     while let Some(stream) = accept(&listener, &stop).await {
-        connection(stream, &router, &graceful, None);
+        connection(stream, &service, &graceful, None);
     }
     drain(graceful, grace).await;
 }
 
-/// Serves `router` on `listener` from `workers` threads, each running a single-threaded runtime
-/// of its own, as nginx runs one worker process per CPU. A connection and everything its
-/// requests do (the calls to the tool included) then stay on one thread: no work-stealing
+/// Serves `service` on `listener` from `workers` threads, each running a single-threaded
+/// runtime of its own, as nginx runs one worker process per CPU. A connection and everything
+/// its requests do (the calls to the tool included) then stay on one thread: no work-stealing
 /// scheduler hands tasks between threads, and no futex wakes a sibling thread on every request.
 ///
 /// The returned future accepts connections (on the caller's runtime: agents keep theirs open,
@@ -45,7 +69,7 @@ pub async fn serve(
 /// It returns once `stop` is cancelled and every worker has drained (see [`serve`]).
 pub fn serve_on_workers(
     listener: TcpListener,
-    router: Router,
+    service: impl Answer,
     stop: CancellationToken,
     grace: Duration,
     workers: usize,
@@ -58,7 +82,7 @@ pub fn serve_on_workers(
             .build()?;
         let (queue, mut incoming) = mpsc::unbounded_channel::<std::net::TcpStream>();
         let open = Arc::new(AtomicUsize::new(0));
-        let (router, stop, count) = (router.clone(), stop.clone(), open.clone());
+        let (service, stop, count) = (service.clone(), stop.clone(), open.clone());
         let (done, finished) = oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("perfecx-worker-{i}"))
@@ -72,7 +96,7 @@ pub fn serve_on_workers(
                         };
                         let Some(stream) = stream else { break };
                         match TcpStream::from_std(stream) {
-                            Ok(s) => connection(s, &router, &graceful, Some(count.clone())),
+                            Ok(s) => connection(s, &service, &graceful, Some(count.clone())),
                             Err(e) => {
                                 count.fetch_sub(1, Ordering::Relaxed);
                                 tracing::warn!(error = %e, "a worker cannot take a connection");
@@ -130,16 +154,15 @@ async fn accept(listener: &TcpListener, stop: &CancellationToken) -> Option<TcpS
 /// connections open on it, if anyone keeps count.
 fn connection(
     stream: TcpStream,
-    router: &Router,
+    service: &impl Answer,
     graceful: &GracefulShutdown,
     open: Option<Arc<AtomicUsize>>,
 ) {
     let _ = stream.set_nodelay(true);
-    let service = TowerToHyperService::new(router.clone());
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(stream), service.clone());
     let conn = graceful.watch(conn);
     tokio::spawn(async move {
         if let Err(e) = conn.await {
@@ -196,10 +219,11 @@ mod tests {
     async fn workers_share_the_connections_and_stop_when_told() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let router = Router::new().route(
+        let router = axum::Router::new().route(
             "/",
             get(|| async { std::thread::current().name().unwrap_or("?").to_owned() }),
         );
+        let router = hyper_util::service::TowerToHyperService::new(router);
         let stop = CancellationToken::new();
         let serving = tokio::spawn(
             serve_on_workers(listener, router, stop.clone(), Duration::from_secs(1), 2).unwrap(),

@@ -1,10 +1,11 @@
 //! The tool servers behind the sidecar, and how requests reach them.
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full, Limited};
@@ -167,39 +168,64 @@ pub enum ReadError {
     Failed(String),
 }
 
-/// Reads a body up to `cap` bytes.
+/// Reads a body up to `cap` bytes. A body that comes in one chunk, as a small one mostly does,
+/// is returned as it came: no buffer list to collect it in, no copy.
 pub async fn read_limited<B>(body: B, cap: u64, what: &'static str) -> Result<Bytes, ReadError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let limit = usize::try_from(cap).unwrap_or(usize::MAX);
-    match Limited::new(body, limit).collect().await {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ReadError::TooLarge(TooLarge { limit: cap, what }))
-        }
-        Err(e) => {
-            // axum wraps the length error; look through it.
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*e);
-            while let Some(s) = source {
-                if s.is::<http_body_util::LengthLimitError>() {
-                    return Err(ReadError::TooLarge(TooLarge { limit: cap, what }));
-                }
-                source = s.source();
+    let mut body = pin!(Limited::new(body, limit));
+    let mut first = Bytes::new();
+    let mut joined: Option<BytesMut> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| read_error(e, cap, what))?;
+        // Trailers carry nothing to judge.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        match &mut joined {
+            Some(buf) => buf.extend_from_slice(&data),
+            None if first.is_empty() => first = data,
+            None => {
+                let mut buf = BytesMut::with_capacity(first.len() + data.len());
+                buf.extend_from_slice(&first);
+                buf.extend_from_slice(&data);
+                joined = Some(buf);
             }
-            Err(ReadError::Failed(e.to_string()))
         }
     }
+    Ok(joined.map_or(first, BytesMut::freeze))
+}
+
+fn read_error(
+    e: Box<dyn std::error::Error + Send + Sync>,
+    cap: u64,
+    what: &'static str,
+) -> ReadError {
+    // axum wraps the length error; look through it.
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&*e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return ReadError::TooLarge(TooLarge { limit: cap, what });
+        }
+        source = s.source();
+    }
+    ReadError::Failed(e.to_string())
 }
 
 /// Whether a response's media type is `ty` (parameters ignored).
 pub fn media_type_is(headers: &HeaderMap, ty: &str) -> bool {
+    // On bytes: a visible-ASCII value has no other whitespace to trim than spaces and tabs.
     headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case(ty))
+        .filter(|v| v.to_str().is_ok())
+        .is_some_and(|v| {
+            let v = v.as_bytes();
+            let end = v.iter().position(|&b| b == b';').unwrap_or(v.len());
+            v[..end].trim_ascii().eq_ignore_ascii_case(ty.as_bytes())
+        })
 }
 
 #[cfg(test)]
@@ -213,6 +239,38 @@ mod tests {
         assert_eq!(host("http://tools.internal:80/"), "tools.internal");
         assert_eq!(host("http://tools.internal"), "tools.internal");
         assert_eq!(host("https://tools.internal:8443"), "tools.internal:8443");
+    }
+
+    #[test]
+    fn media_type_ignores_parameters_case_and_spaces() {
+        let is_json = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(v));
+            media_type_is(&h, "application/json")
+        };
+        assert!(is_json("application/json"));
+        assert!(is_json(" Application/JSON ; charset=utf-8"));
+        assert!(!is_json("application/jsonx"));
+        assert!(!is_json("text/plain; application/json"));
+        assert!(!media_type_is(&HeaderMap::new(), "application/json"));
+    }
+
+    #[tokio::test]
+    async fn a_body_in_chunks_is_joined_and_capped() {
+        let chunks = |n: usize| {
+            http_body_util::StreamBody::new(futures_util::stream::iter((0..n).map(|i| {
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(
+                    i.to_string(),
+                )))
+            })))
+        };
+        assert!(matches!(read_limited(chunks(1), 10, "body").await, Ok(b) if b == "0"));
+        assert!(matches!(read_limited(chunks(3), 10, "body").await, Ok(b) if b == "012"));
+        assert!(matches!(read_limited(chunks(0), 10, "body").await, Ok(b) if b.is_empty()));
+        assert!(matches!(
+            read_limited(chunks(11), 10, "body").await,
+            Err(ReadError::TooLarge(_))
+        ));
     }
 
     #[test]
