@@ -392,8 +392,9 @@ fn stream_messages(body: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn progress_of_a_stdio_server_reaches_the_agent_that_asked_for_it() {
+/// A sidecar running the test server over stdio as `local`, initialized over raw HTTP; and the
+/// URL to post MCP messages to.
+async fn initialized_stdio_sidecar() -> (Sidecar, String) {
     let exe = stdio_server_path();
     let sidecar = Sidecar::start(
         &[("safety.yaml", SAFETY)],
@@ -405,11 +406,14 @@ async fn progress_of_a_stdio_server_reaches_the_agent_that_asked_for_it() {
         "protocolVersion": "2025-06-18", "capabilities": {},
         "clientInfo": {"name": "raw", "version": "1"}}});
     post_mcp(&url, init).await;
-    post_mcp(
-        &url,
-        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
-    )
-    .await;
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    post_mcp(&url, note).await;
+    (sidecar, url)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_of_a_stdio_server_reaches_the_agent_that_asked_for_it() {
+    let (sidecar, url) = initialized_stdio_sidecar().await;
 
     // Two agents share the process and happen to pick the same request id and progress token:
     // each gets its own progress, with its own token, on the stream that answers its POST,
@@ -447,19 +451,7 @@ async fn progress_of_a_stdio_server_reaches_the_agent_that_asked_for_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancellation_reaches_only_the_request_it_names() {
-    let exe = stdio_server_path();
-    let sidecar = Sidecar::start(
-        &[("safety.yaml", SAFETY)],
-        &format!("  - name: local\n    mcp_command: [{}]\n", exe.display()),
-    )
-    .await;
-    let url = sidecar.mcp_url("local");
-    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": "2025-06-18", "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "1"}}});
-    post_mcp(&url, init).await;
-    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
-    post_mcp(&url, note).await;
+    let (sidecar, url) = initialized_stdio_sidecar().await;
     let slow = |id: u64| {
         let msg = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
             "name": "slow", "arguments": {"ms": 1500}}});
