@@ -189,7 +189,7 @@ pub async fn run(
         admin = %admin.local_addr()?,
         "sidecar serving"
     );
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let workers = worker_threads(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref());
     let tools = tokio::spawn(serve::serve_on_workers(
         listener,
         tool_listener(shared.clone()),
@@ -214,6 +214,21 @@ pub async fn run(
         reporting.shutdown().await;
     }
     Ok(())
+}
+
+/// How many threads serve tool traffic: `TOKIO_WORKER_THREADS` (tokio's own knob for its worker
+/// count) when it is a positive number, else one per CPU the process may use.
+fn worker_threads(configured: Option<&str>) -> usize {
+    if let Some(value) = configured {
+        match value.trim().parse::<usize>() {
+            Ok(n) if n > 0 => return n,
+            _ => tracing::warn!(
+                value,
+                "TOKIO_WORKER_THREADS is not a positive number; using one thread per CPU"
+            ),
+        }
+    }
+    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The tool listener's service. A plain HTTP tool call of the usual shape goes straight to its
@@ -343,7 +358,17 @@ fn raw_rest(path: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::{Method, plain_tool_name, raw_rest};
+    use super::{Method, plain_tool_name, raw_rest, worker_threads};
+
+    #[test]
+    fn worker_threads_come_from_tokio_worker_threads_or_the_cpus() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(worker_threads(Some("3")), 3);
+        assert_eq!(worker_threads(Some(" 1 ")), 1);
+        assert_eq!(worker_threads(None), cpus);
+        assert_eq!(worker_threads(Some("0")), cpus);
+        assert_eq!(worker_threads(Some("many")), cpus);
+    }
 
     #[test]
     fn the_rest_of_a_tool_path_stays_encoded() {
