@@ -166,6 +166,85 @@ async fn plain_http_tools_are_judged_both_ways() {
     ct.cancel();
 }
 
+/// Sensitive data in a call is redacted rather than blocked.
+const REDACT: &str = "name: pii\nenforcement: strict\nrules:\n  - type: content_filter\n    sensitive_data_detection: true\n    sensitive_data_action: redact\n";
+
+/// `+` and `%XX` as an agent's HTTP library writes arguments (`params=`, `data=`): judged as the
+/// tool will read them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_and_form_encoded_arguments_are_judged_as_the_tool_reads_them() {
+    let (url, ct) = tool_server().await;
+    let upstream = format!("  - name: web\n    http_url: {url}\n");
+    let client = reqwest::Client::new();
+    let call = |sidecar: &Sidecar, query: &str, form: Option<&'static str>| {
+        let url = sidecar.url(&format!("/tools/web/search{query}"));
+        let req = match form {
+            Some(body) => client
+                .post(url)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body),
+            None => client.get(url),
+        };
+        async move {
+            let res = req.send().await.unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    };
+
+    let sidecar = Sidecar::start(&[("safety.yaml", SAFETY)], &upstream).await;
+    for (query, form, found) in [
+        (
+            "?q=DROP+TABLE+users",
+            None,
+            "forbidden pattern `DROP TABLE`",
+        ),
+        ("", Some("q=rm+-rf+%2F"), "forbidden pattern `rm -rf`"),
+        (
+            "?to=jane.doe%40acme-corp.io",
+            None,
+            "sensitive data (email)",
+        ),
+        (
+            "",
+            Some("to=jane.doe%40acme-corp.io"),
+            "sensitive data (email)",
+        ),
+    ] {
+        let (status, body) = call(&sidecar, query, form).await;
+        assert_eq!(status, 403, "{query} {form:?}: {body}");
+        assert!(body.contains(found), "{query} {form:?}: {body}");
+    }
+    // Ordinary forms go through untouched.
+    let (status, body) = call(&sidecar, "", Some("q=rust+books&n=3")).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("q=rust+books&n=3"), "{body}");
+    sidecar.stop().await;
+
+    // Where sensitive data is redacted: not in a URL or a form, whose values are encoded; a
+    // JSON string is redacted whole, the value's place in it being encoded too.
+    let sidecar = Sidecar::start(&[("pii.yaml", REDACT)], &upstream).await;
+    let (status, body) = call(&sidecar, "?to=jane.doe%40acme-corp.io", None).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("the URL carries sensitive data"), "{body}");
+    let (status, body) = call(&sidecar, "", Some("to=jane.doe%40acme-corp.io")).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("the form body carries sensitive data"),
+        "{body}"
+    );
+    let (status, body) = send(
+        reqwest::Method::POST,
+        &sidecar.url("/tools/web/search"),
+        Some(r#"{"to":"jane.doe%40acme-corp.io","q":"rust"}"#.into()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("acme-corp"), "{body}");
+    assert!(body.contains(r#"\"to\":\"[REDACTED:email]\""#), "{body}");
+    sidecar.stop().await;
+    ct.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_http_tools_fail_closed() {
     let (url, ct) = tool_server().await;

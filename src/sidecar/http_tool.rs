@@ -254,12 +254,22 @@ fn judge(
         reason: format!("the body is not valid UTF-8 (at byte {})", e.valid_up_to()),
     })?;
     let json = media_type_is(headers, "application/json");
-    let content = match (json, text.trim().is_empty()) {
-        (true, false) => Content::Json(text),
+    let form = media_type_is(headers, "application/x-www-form-urlencoded");
+    let form_text = form.then(|| as_form_reads(text));
+    let content = match (json, text.trim().is_empty(), &form_text) {
+        (true, false, _) => Content::Json(text),
+        (_, _, Some(form_text)) => Content::Text(form_text),
         _ => Content::Text(text),
     };
     let body = match check_call(active, tracker, tool, content) {
         CallVerdict::Forward => (body, false),
+        // Its values are encoded: a redaction in place would not be one.
+        CallVerdict::ForwardRedacted(_) if form => {
+            return Err(Unjudgeable {
+                reason: "the form body carries sensitive data; send it as JSON instead".into(),
+            }
+            .into());
+        }
         CallVerdict::ForwardRedacted(new) => (Bytes::from(new), true),
         CallVerdict::Refuse(r) => return Err(r),
     };
@@ -268,7 +278,7 @@ fn judge(
         None => path.to_owned(),
     };
     if !url.is_empty() {
-        match check_call(active, tracker, tool, Content::Text(&url)) {
+        match check_call(active, tracker, tool, Content::Text(&as_form_reads(&url))) {
             CallVerdict::Forward => {}
             // A URL cannot be redacted without changing what it names.
             CallVerdict::ForwardRedacted(_) => {
@@ -281,6 +291,16 @@ fn judge(
         }
     }
     Ok(body)
+}
+
+/// A query string or form body as the tool will read it, for judging: `+` stands for a space
+/// there (the engine resolves `%XX` escapes itself).
+fn as_form_reads(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('+') {
+        std::borrow::Cow::Owned(text.replace('+', " "))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
 }
 
 /// The tool's URL for `rest` (the path after `/tools/{name}`) and `query`, in origin form (what

@@ -170,6 +170,31 @@ fn is_stable(c: char) -> bool {
         && unicode_normalization::is_nfkc_quick(std::iter::once(c)) == IsNormalized::Yes
 }
 
+/// Calls `f` with `s` with its `%XX` escapes decoded (twice, for double encoding); `None`, without
+/// calling it, when `s` has none. The buffers are reused, so that warm scans do not allocate.
+pub(crate) fn with_percent_decoded<R>(s: &str, f: impl FnOnce(&str) -> R) -> Option<R> {
+    thread_local! {
+        static BUFFERS: std::cell::RefCell<(Vec<u8>, String, String)> = Default::default();
+    }
+    if !has_percent_escape(s) {
+        return None;
+    }
+    BUFFERS.with(|b| {
+        // Taken out for the call: `f` may decode again without finding the buffers borrowed.
+        let (mut bytes, mut once, mut twice) = b.take();
+        decode_into(s, &mut bytes, &mut once);
+        let decoded = if has_percent_escape(&once) {
+            decode_into(&once, &mut bytes, &mut twice);
+            &twice
+        } else {
+            &once
+        };
+        let r = f(decoded);
+        b.replace((bytes, once, twice));
+        Some(r)
+    })
+}
+
 fn has_percent_escape(s: &str) -> bool {
     let b = s.as_bytes();
     memchr::memchr_iter(b'%', b).any(|i| {

@@ -248,6 +248,38 @@ impl Detector {
         triggered: Option<KindSet>,
         found: &mut dyn FnMut(Finding),
     ) {
+        // A value hidden by percent-encoding (`jane%40example.com`, as URLs and forms carry
+        // it) is found in the decoded text; its place there is not its place in `text`, so the
+        // finding covers the whole string.
+        let kinds = crate::normalize::with_percent_decoded(text, |decoded| {
+            let mut kinds: KindSet = 0;
+            self.scan_decoded(decoded, key, None, &mut |f| kinds |= f.kind.bit());
+            kinds
+        });
+        if let Some(kinds) = kinds.filter(|&k| k != 0) {
+            for kind in SensitiveKind::ALL
+                .into_iter()
+                .filter(|k| kinds & k.bit() != 0)
+            {
+                found(Finding {
+                    kind,
+                    start: 0,
+                    end: text.len(),
+                });
+            }
+            return;
+        }
+        self.scan_decoded(text, key, triggered, found);
+    }
+
+    /// [`Detector::scan`] of a text whose escapes are resolved.
+    fn scan_decoded(
+        &self,
+        text: &str,
+        key: Option<&str>,
+        triggered: Option<KindSet>,
+        found: &mut dyn FnMut(Finding),
+    ) {
         if let Some(key) = key
             && self.kinds & SensitiveKind::GenericApiKey.bit() != 0
             && looks_like_secret(text)
@@ -709,6 +741,23 @@ mod tests {
         for (text, kind) in cases {
             assert!(kinds(text).contains(&kind), "{kind} not found in {text:?}");
         }
+    }
+
+    #[test]
+    fn percent_encoded_values_are_found_and_cover_the_string() {
+        let text = "to=jane.doe%40acme-corp.io&card=4111%201111%201111%201111";
+        let found = find(text);
+        assert_eq!(
+            kinds(text),
+            [SensitiveKind::CreditCard, SensitiveKind::Email]
+        );
+        assert!(found.iter().all(|(_, value)| value == text), "{found:?}");
+        // Twice encoded too; a lone `%` is no escape.
+        assert_eq!(
+            kinds("mail jane.doe%2540acme-corp.io"),
+            [SensitiveKind::Email]
+        );
+        assert!(kinds("100% sure, 50%off").is_empty());
     }
 
     #[test]
