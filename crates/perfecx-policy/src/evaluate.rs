@@ -284,7 +284,7 @@ impl PolicySet {
                             dir,
                             out,
                         );
-                        self.match_sensitive(text, None, triggered, dir, out);
+                        self.match_sensitive(text, None, triggered, true, dir, out);
                         return Ok(());
                     }
                 };
@@ -330,7 +330,7 @@ impl PolicySet {
                         triggered = self.match_patterns(tool, text, t.kind, dir, out);
                     }
                     if t.kind != TokenKind::Key {
-                        self.match_sensitive(t.text, t.key, triggered, dir, out);
+                        self.match_sensitive(t.text, t.key, triggered, !normal, dir, out);
                     }
                 })
             },
@@ -412,12 +412,13 @@ impl PolicySet {
         text: &str,
         key: Option<&str>,
         triggered: KindSet,
+        escaped: bool,
         dir: Direction,
         out: &mut Vec<Violation<'s>>,
     ) {
         let Some(s) = &self.sensitive else { return };
         s.detector
-            .scan(text, key, Some(triggered), &mut |f: Finding| {
+            .scan(text, key, Some(triggered), escaped, &mut |f: Finding| {
                 let value = &text[f.start..f.end];
                 for rule in &s.rules {
                     if !rule.kinds[f.kind.index()] || rule.allows(value) {
@@ -477,7 +478,7 @@ impl PolicySet {
         let mut findings: Vec<Finding> = Vec::new();
         let collect = |text: &str, key: Option<&str>, findings: &mut Vec<Finding>| {
             findings.clear();
-            s.detector.scan(text, key, None, &mut |f| {
+            s.detector.scan(text, key, None, true, &mut |f| {
                 if redacts(&f, &text[f.start..f.end]) {
                     findings.push(f);
                 }

@@ -241,22 +241,27 @@ impl Detector {
     /// Calls `found` for each validated finding in `text`. `key` is the JSON key the text is the
     /// value of, if any: a key such as `api_key` is context for a generic secret. `triggered` is
     /// the set of literal kinds whose triggers occur in `text`, when the caller already knows it.
+    /// `escaped`: whether `text` may hold `%XX` escapes (false when the caller knows it is
+    /// normal, which saves a pass over it).
     pub(crate) fn scan(
         &self,
         text: &str,
         key: Option<&str>,
         triggered: Option<KindSet>,
+        escaped: bool,
         found: &mut dyn FnMut(Finding),
     ) {
         // A value hidden by percent-encoding (`jane%40example.com`, as URLs and forms carry
         // it) is found in the decoded text; its place there is not its place in `text`, so the
         // finding covers the whole string.
-        let kinds = crate::normalize::with_percent_decoded(text, |decoded| {
-            let mut kinds: KindSet = 0;
-            self.scan_decoded(decoded, key, None, &mut |f| kinds |= f.kind.bit());
-            kinds
+        let decoded = escaped.then(|| {
+            crate::normalize::with_percent_decoded(text, |decoded| {
+                let mut kinds: KindSet = 0;
+                self.scan_decoded(decoded, key, None, &mut |f| kinds |= f.kind.bit());
+                kinds
+            })
         });
-        if let Some(kinds) = kinds.filter(|&k| k != 0) {
+        if let Some(kinds) = decoded.flatten().filter(|&k| k != 0) {
             for kind in SensitiveKind::ALL
                 .into_iter()
                 .filter(|k| kinds & k.bit() != 0)
@@ -703,7 +708,7 @@ mod tests {
     fn find(text: &str) -> Vec<(SensitiveKind, String)> {
         let d = Detector::new(&SensitiveKind::ALL);
         let mut out = Vec::new();
-        d.scan(text, None, None, &mut |f| {
+        d.scan(text, None, None, true, &mut |f| {
             out.push((f.kind, text[f.start..f.end].to_owned()))
         });
         out
@@ -781,11 +786,16 @@ mod tests {
             "sk9Xb2QmR7vLp4Tn8WzA1cE5",
             Some("api_key"),
             None,
+            true,
             &mut |_| n += 1,
         );
-        d.scan("sk9Xb2QmR7vLp4Tn8WzA1cE5", Some("name"), None, &mut |_| {
-            n += 10
-        });
+        d.scan(
+            "sk9Xb2QmR7vLp4Tn8WzA1cE5",
+            Some("name"),
+            None,
+            true,
+            &mut |_| n += 10,
+        );
         assert_eq!(n, 1);
     }
 
