@@ -27,6 +27,10 @@ async fn tool_server() -> (String, CancellationToken) {
                 get(|| async { axum::Json(json!({"key": "AKIAIOSFODNN7EXAMPLE", "ok": true})) }),
             )
             .route(
+                "/api/empty",
+                get(|| async { ([("content-type", "application/json")], "") }),
+            )
+            .route(
                 "/api/pause",
                 get(|| async {
                     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -203,6 +207,23 @@ async fn a_permissive_deadline_reports_instead_of_cutting() {
         Some(1.0),
         "{m}"
     );
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_json_output_passes() {
+    let (url, ct) = tool_server().await;
+    let sidecar = Sidecar::start(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: web\n    http_url: {url}\n"),
+    )
+    .await;
+    let (status, body) = send(reqwest::Method::GET, &sidecar.url("/tools/web/empty"), None).await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    // HEAD: the tool answers JSON headers and no body.
+    let (status, body) = send(reqwest::Method::HEAD, &sidecar.url("/tools/web/leak"), None).await;
+    assert_eq!((status, body.as_str()), (200, ""));
     sidecar.stop().await;
     ct.cancel();
 }

@@ -175,7 +175,9 @@ where
         );
         return rescue::http_error(&refusal);
     };
-    let json = media_type_is(&parts.headers, "application/json");
+    // An empty output (a HEAD, a 204) has nothing to judge: as text, not as JSON that
+    // cannot be parsed.
+    let json = media_type_is(&parts.headers, "application/json") && !text.trim().is_empty();
     let content = if json {
         Content::Json(text)
     } else {
