@@ -26,6 +26,7 @@ async fn tool_server() -> (String, CancellationToken) {
                 "/api/leak",
                 get(|| async { axum::Json(json!({"key": "AKIAIOSFODNN7EXAMPLE", "ok": true})) }),
             )
+            .route("/api/", get(|| async { "index" }))
             .route(
                 "/api/empty",
                 get(|| async { ([("content-type", "application/json")], "") }),
@@ -224,6 +225,25 @@ async fn an_empty_json_output_passes() {
     // HEAD: the tool answers JSON headers and no body.
     let (status, body) = send(reqwest::Method::HEAD, &sidecar.url("/tools/web/leak"), None).await;
     assert_eq!((status, body.as_str()), (200, ""));
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trailing_slash_reaches_the_base_path() {
+    let (url, ct) = tool_server().await;
+    let sidecar = Sidecar::start(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: web\n    http_url: {url}\n"),
+    )
+    .await;
+    // The fast path, and the router (HEAD, an escaped name).
+    let (status, body) = send(reqwest::Method::GET, &sidecar.url("/tools/web/"), None).await;
+    assert_eq!((status, body.as_str()), (200, "index"));
+    let (status, body) = send(reqwest::Method::GET, &sidecar.url("/tools/w%65b/"), None).await;
+    assert_eq!((status, body.as_str()), (200, "index"));
+    let (status, _) = send(reqwest::Method::HEAD, &sidecar.url("/tools/web/"), None).await;
+    assert_eq!(status, 200);
     sidecar.stop().await;
     ct.cancel();
 }
