@@ -247,3 +247,33 @@ async fn a_trailing_slash_reaches_the_base_path() {
     sidecar.stop().await;
     ct.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_cap_is_counted_as_blocked() {
+    let (url, ct) = tool_server().await;
+    let sidecar = Sidecar::start_with(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: web\n    http_url: {url}\n"),
+        "max_body_bytes: 2048",
+    )
+    .await;
+    let big = json!({"q": "x".repeat(4096)}).to_string();
+    let (status, _) = send(
+        reqwest::Method::POST,
+        &sidecar.url("/tools/web/search"),
+        Some(big),
+    )
+    .await;
+    assert_eq!(status, 413);
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"perfecx_tool_calls_total{decision="blocked",tool="web",upstream="web"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    sidecar.stop().await;
+    ct.cancel();
+}

@@ -43,24 +43,26 @@ where
     };
     let cap = shared.body_cap(Some(&active));
     let (parts, body) = req.into_parts();
-    let bytes =
-        match tokio::time::timeout(CLIENT_BODY_TIMEOUT, read_limited(body, cap, "request body"))
-            .await
-            .ok()
-        {
-            None => {
-                return rescue::http_error(&Refusal::from(Unjudgeable {
-                    reason: "the request body did not arrive in time".into(),
-                }));
-            }
-            Some(Err(ReadError::TooLarge(t))) => return rescue::http_error(&t.into()),
-            Some(Err(ReadError::Failed(m))) => {
-                return rescue::http_error(&Refusal::from(Unjudgeable {
-                    reason: format!("cannot read the body: {m}"),
-                }));
-            }
-            Some(Ok(b)) => b,
-        };
+    let read =
+        tokio::time::timeout(CLIENT_BODY_TIMEOUT, read_limited(body, cap, "request body")).await;
+    let bytes = match read {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(ReadError::TooLarge(t))) => Err(Refusal::from(t)),
+        Ok(Err(ReadError::Failed(m))) => Err(Refusal::from(Unjudgeable {
+            reason: format!("cannot read the body: {m}"),
+        })),
+        Err(_) => Err(Refusal::from(Unjudgeable {
+            reason: "the request body did not arrive in time".into(),
+        })),
+    };
+    // A call that cannot be read is refused, logged and counted like any other.
+    let bytes = match bytes {
+        Ok(b) => b,
+        Err(refusal) => {
+            tracker.refused(tool, &refusal, span);
+            return rescue::http_error(&refusal);
+        }
+    };
 
     // Judge the body, then the path and query: all of them carry arguments.
     let rest = super::raw_rest(parts.uri.path());
