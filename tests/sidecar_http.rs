@@ -277,3 +277,43 @@ async fn a_body_over_the_cap_is_counted_as_blocked() {
     sidecar.stop().await;
     ct.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_length_over_the_cap_is_refused_before_the_upload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (url, ct) = tool_server().await;
+    let sidecar = Sidecar::start_with(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: web\n    http_url: {url}\n"),
+        "max_body_bytes: 2048",
+    )
+    .await;
+    // The fast path, and the router (an escaped name).
+    for path in ["/tools/web/search", "/tools/w%65b/search"] {
+        let mut conn = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: 10000000\r\nexpect: 100-continue\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // No body is sent: the answer must come without it.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(read.is_ok(), "no answer without the body: {got:?}");
+        assert!(got.starts_with("HTTP/1.1 413"), "{path}: {got:?}");
+    }
+    sidecar.stop().await;
+    ct.cancel();
+}

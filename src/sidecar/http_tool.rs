@@ -12,7 +12,7 @@ use perfecx_policy::{Content, Enforcement, Limit};
 
 use super::Shared;
 use super::calls::{Finish, Tracker};
-use super::denial::{DeadlineExceeded, FailClosed, Refusal, Unjudgeable, UpstreamFailed};
+use super::denial::{DeadlineExceeded, FailClosed, Refusal, TooLarge, Unjudgeable, UpstreamFailed};
 use super::events::Checked;
 use super::mcp::CLIENT_BODY_TIMEOUT;
 use super::output_filter::{OutputVerdict, check_output};
@@ -43,8 +43,22 @@ where
     };
     let cap = shared.body_cap(Some(&active));
     let (parts, body) = req.into_parts();
-    let read =
-        tokio::time::timeout(CLIENT_BODY_TIMEOUT, read_limited(body, cap, "request body")).await;
+    // A body declared larger than the cap is refused before it is read, so that a client
+    // waiting for `100 Continue` is refused without uploading it.
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let read = match declared {
+        Some(n) if n > cap => Ok(Err(ReadError::TooLarge(TooLarge {
+            limit: cap,
+            what: "request body",
+        }))),
+        _ => {
+            tokio::time::timeout(CLIENT_BODY_TIMEOUT, read_limited(body, cap, "request body")).await
+        }
+    };
     let bytes = match read {
         Ok(Ok(b)) => Ok(b),
         Ok(Err(ReadError::TooLarge(t))) => Err(Refusal::from(t)),
