@@ -27,6 +27,7 @@ async fn tool_server() -> (String, CancellationToken) {
                 get(|| async { axum::Json(json!({"key": "AKIAIOSFODNN7EXAMPLE", "ok": true})) }),
             )
             .route("/api/", get(|| async { "index" }))
+            .route("/api/huge", get(|| async { "y".repeat(8192) }))
             .route(
                 "/api/empty",
                 get(|| async { ([("content-type", "application/json")], "") }),
@@ -132,6 +133,14 @@ async fn plain_http_tools_are_judged_both_ways() {
     let big = json!({"q": "x".repeat(4096)}).to_string();
     let (status, _) = send(post.clone(), &sidecar.url("/tools/web/search"), Some(big)).await;
     assert_eq!(status, 413);
+
+    // A response over the cap: the tool failed, 502.
+    let (status, body) = send(get.clone(), &sidecar.url("/tools/web/huge"), None).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains("larger than the limit of 2048 bytes"),
+        "{body}"
+    );
 
     // Invalid UTF-8: 400.
     let res = reqwest::Client::new()

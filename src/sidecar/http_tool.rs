@@ -1,6 +1,7 @@
 //! Plain HTTP tools at `/tools/{name}/...`: the request body (and query) is judged as the
 //! call's arguments, the response body as its output. A refusal is an HTTP error with a JSON
-//! body: 403 for a policy, 504 for the deadline, 413 for a body over the cap.
+//! body: 403 for a policy, 504 for the deadline, 413 for a request body over the cap, 502 for a
+//! tool that fails (a response over the cap included).
 
 use std::sync::Arc;
 
@@ -135,7 +136,13 @@ where
                 upstream: tool.to_owned(),
                 reason,
             })),
-            Err(ExchangeError::Body(ReadError::TooLarge(t))) => Err(Refusal::from(t)),
+            // The tool failed, not the agent's request: a 502, not a 413.
+            Err(ExchangeError::Body(ReadError::TooLarge(t))) => {
+                Err(Refusal::from(UpstreamFailed {
+                    upstream: tool.to_owned(),
+                    reason: format!("its response is larger than the limit of {} bytes", t.limit),
+                }))
+            }
             Err(ExchangeError::Body(ReadError::Failed(m))) => Err(Refusal::from(UpstreamFailed {
                 upstream: tool.to_owned(),
                 reason: format!("the response broke off: {m}"),
