@@ -26,6 +26,12 @@ async fn tool_server() -> (String, CancellationToken) {
                 "/api/leak",
                 get(|| async { axum::Json(json!({"key": "AKIAIOSFODNN7EXAMPLE", "ok": true})) }),
             )
+            .route("/api/", get(|| async { "index" }))
+            .route("/api/huge", get(|| async { "y".repeat(8192) }))
+            .route(
+                "/api/empty",
+                get(|| async { ([("content-type", "application/json")], "") }),
+            )
             .route(
                 "/api/pause",
                 get(|| async {
@@ -127,6 +133,14 @@ async fn plain_http_tools_are_judged_both_ways() {
     let big = json!({"q": "x".repeat(4096)}).to_string();
     let (status, _) = send(post.clone(), &sidecar.url("/tools/web/search"), Some(big)).await;
     assert_eq!(status, 413);
+
+    // A response over the cap: the tool failed, 502.
+    let (status, body) = send(get.clone(), &sidecar.url("/tools/web/huge"), None).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(
+        body.contains("larger than the limit of 2048 bytes"),
+        "{body}"
+    );
 
     // Invalid UTF-8: 400.
     let res = reqwest::Client::new()
@@ -282,6 +296,112 @@ async fn a_permissive_deadline_reports_instead_of_cutting() {
         Some(1.0),
         "{m}"
     );
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_json_output_passes() {
+    let (url, ct) = tool_server().await;
+    let sidecar = Sidecar::start(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: web\n    http_url: {url}\n"),
+    )
+    .await;
+    let (status, body) = send(reqwest::Method::GET, &sidecar.url("/tools/web/empty"), None).await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    // HEAD: the tool answers JSON headers and no body.
+    let (status, body) = send(reqwest::Method::HEAD, &sidecar.url("/tools/web/leak"), None).await;
+    assert_eq!((status, body.as_str()), (200, ""));
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trailing_slash_reaches_the_base_path() {
+    let (url, ct) = tool_server().await;
+    let sidecar = Sidecar::start(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: web\n    http_url: {url}\n"),
+    )
+    .await;
+    // The fast path, and the router (HEAD, an escaped name).
+    let (status, body) = send(reqwest::Method::GET, &sidecar.url("/tools/web/"), None).await;
+    assert_eq!((status, body.as_str()), (200, "index"));
+    let (status, body) = send(reqwest::Method::GET, &sidecar.url("/tools/w%65b/"), None).await;
+    assert_eq!((status, body.as_str()), (200, "index"));
+    let (status, _) = send(reqwest::Method::HEAD, &sidecar.url("/tools/web/"), None).await;
+    assert_eq!(status, 200);
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_cap_is_counted_as_blocked() {
+    let (url, ct) = tool_server().await;
+    let sidecar = Sidecar::start_with(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: web\n    http_url: {url}\n"),
+        "max_body_bytes: 2048",
+    )
+    .await;
+    let big = json!({"q": "x".repeat(4096)}).to_string();
+    let (status, _) = send(
+        reqwest::Method::POST,
+        &sidecar.url("/tools/web/search"),
+        Some(big),
+    )
+    .await;
+    assert_eq!(status, 413);
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"perfecx_tool_calls_total{decision="blocked",tool="web",upstream="web"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_length_over_the_cap_is_refused_before_the_upload() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (url, ct) = tool_server().await;
+    let sidecar = Sidecar::start_with(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: web\n    http_url: {url}\n"),
+        "max_body_bytes: 2048",
+    )
+    .await;
+    // The fast path, and the router (an escaped name).
+    for path in ["/tools/web/search", "/tools/w%65b/search"] {
+        let mut conn = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+             content-length: 10000000\r\nexpect: 100-continue\r\n\r\n"
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        // No body is sent: the answer must come without it.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        let read = tokio::time::timeout(Duration::from_secs(5), async {
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(read.is_ok(), "no answer without the body: {got:?}");
+        assert!(got.starts_with("HTTP/1.1 413"), "{path}: {got:?}");
+    }
     sidecar.stop().await;
     ct.cancel();
 }

@@ -1,6 +1,7 @@
 //! Plain HTTP tools at `/tools/{name}/...`: the request body (and query) is judged as the
 //! call's arguments, the response body as its output. A refusal is an HTTP error with a JSON
-//! body: 403 for a policy, 504 for the deadline, 413 for a body over the cap.
+//! body: 403 for a policy, 504 for the deadline, 413 for a request body over the cap, 502 for a
+//! tool that fails (a response over the cap included).
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use perfecx_policy::{Content, Enforcement, Limit};
 
 use super::Shared;
 use super::calls::{Finish, Tracker};
-use super::denial::{DeadlineExceeded, FailClosed, Refusal, Unjudgeable, UpstreamFailed};
+use super::denial::{DeadlineExceeded, FailClosed, Refusal, TooLarge, Unjudgeable, UpstreamFailed};
 use super::events::Checked;
 use super::mcp::CLIENT_BODY_TIMEOUT;
 use super::output_filter::{OutputVerdict, check_output};
@@ -43,24 +44,40 @@ where
     };
     let cap = shared.body_cap(Some(&active));
     let (parts, body) = req.into_parts();
-    let bytes =
-        match tokio::time::timeout(CLIENT_BODY_TIMEOUT, read_limited(body, cap, "request body"))
-            .await
-            .ok()
-        {
-            None => {
-                return rescue::http_error(&Refusal::from(Unjudgeable {
-                    reason: "the request body did not arrive in time".into(),
-                }));
-            }
-            Some(Err(ReadError::TooLarge(t))) => return rescue::http_error(&t.into()),
-            Some(Err(ReadError::Failed(m))) => {
-                return rescue::http_error(&Refusal::from(Unjudgeable {
-                    reason: format!("cannot read the body: {m}"),
-                }));
-            }
-            Some(Ok(b)) => b,
-        };
+    // A body declared larger than the cap is refused before it is read, so that a client
+    // waiting for `100 Continue` is refused without uploading it.
+    let declared = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let read = match declared {
+        Some(n) if n > cap => Ok(Err(ReadError::TooLarge(TooLarge {
+            limit: cap,
+            what: "request body",
+        }))),
+        _ => {
+            tokio::time::timeout(CLIENT_BODY_TIMEOUT, read_limited(body, cap, "request body")).await
+        }
+    };
+    let bytes = match read {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(ReadError::TooLarge(t))) => Err(Refusal::from(t)),
+        Ok(Err(ReadError::Failed(m))) => Err(Refusal::from(Unjudgeable {
+            reason: format!("cannot read the body: {m}"),
+        })),
+        Err(_) => Err(Refusal::from(Unjudgeable {
+            reason: "the request body did not arrive in time".into(),
+        })),
+    };
+    // A call that cannot be read is refused, logged and counted like any other.
+    let bytes = match bytes {
+        Ok(b) => b,
+        Err(refusal) => {
+            tracker.refused(tool, &refusal, span);
+            return rescue::http_error(&refusal);
+        }
+    };
 
     // Judge the body, then the path and query: all of them carry arguments.
     let rest = super::raw_rest(parts.uri.path());
@@ -119,7 +136,13 @@ where
                 upstream: tool.to_owned(),
                 reason,
             })),
-            Err(ExchangeError::Body(ReadError::TooLarge(t))) => Err(Refusal::from(t)),
+            // The tool failed, not the agent's request: a 502, not a 413.
+            Err(ExchangeError::Body(ReadError::TooLarge(t))) => {
+                Err(Refusal::from(UpstreamFailed {
+                    upstream: tool.to_owned(),
+                    reason: format!("its response is larger than the limit of {} bytes", t.limit),
+                }))
+            }
             Err(ExchangeError::Body(ReadError::Failed(m))) => Err(Refusal::from(UpstreamFailed {
                 upstream: tool.to_owned(),
                 reason: format!("the response broke off: {m}"),
@@ -175,7 +198,9 @@ where
         );
         return rescue::http_error(&refusal);
     };
-    let json = media_type_is(&parts.headers, "application/json");
+    // An empty output (a HEAD, a 204) has nothing to judge: as text, not as JSON that
+    // cannot be parsed.
+    let json = media_type_is(&parts.headers, "application/json") && !text.trim().is_empty();
     let content = if json {
         Content::Json(text)
     } else {

@@ -264,17 +264,16 @@ fn tool_listener(
 }
 
 /// The tool name of a plain HTTP tool call whose path the router would match as
-/// `/tools/{name}` or `/tools/{name}/{*rest}` with `name` as sent: not empty, no
-/// percent-escapes (the router decodes them), `rest` not empty. `None` for anything else, and
-/// for `HEAD` (the router strips the body of its answer).
+/// `/tools/{name}`, `/tools/{name}/` or `/tools/{name}/{*rest}` with `name` as sent: not empty,
+/// no percent-escapes (the router decodes them). `None` for anything else, and for `HEAD` (the
+/// router strips the body of its answer).
 fn plain_tool_name<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
     if method == Method::HEAD {
         return None;
     }
     let after = path.strip_prefix("/tools/")?;
     let name = match after.split_once('/') {
-        Some((name, rest)) if !rest.is_empty() => name,
-        Some(_) => return None,
+        Some((name, _)) => name,
         None => after,
     };
     (!name.is_empty() && !name.contains('%')).then_some(name)
@@ -285,6 +284,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/mcp/{name}", any(mcp_route))
         .route("/tools/{name}", any(tool_route_root))
+        .route("/tools/{name}/", any(tool_route_root))
         .route("/tools/{name}/{*rest}", any(tool_route))
         .fallback(|| async {
             rescue::json_response(
@@ -384,8 +384,8 @@ mod tests {
         assert_eq!(name("/tools/web"), Some("web"));
         assert_eq!(name("/tools/web//"), Some("web"));
         assert_eq!(name("/tools/web/a%2Fb"), Some("web"));
-        // The router's business: an empty rest or name, escapes in the name, other routes.
-        assert_eq!(name("/tools/web/"), None);
+        assert_eq!(name("/tools/web/"), Some("web"));
+        // The router's business: an empty name, escapes in the name, other routes.
         assert_eq!(name("/tools//x"), None);
         assert_eq!(name("/tools/"), None);
         assert_eq!(name("/tools/w%65b/x"), None);

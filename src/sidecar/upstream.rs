@@ -101,9 +101,22 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// Keeps only the end-to-end headers of `headers`. Removing in place: most messages carry one
-/// or two such headers at most, and copying the rest into a new map costs more.
+/// Keeps only the end-to-end headers of `headers`: the hop-by-hop ones above and those the
+/// `Connection` header names (RFC 9110, 7.6.1). Removing in place: most messages carry one or
+/// two such headers at most, and copying the rest into a new map costs more.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(&name);
+        }
+    }
     while let Some(name) = headers.keys().find(|n| hop_by_hop(n)).cloned() {
         headers.remove(&name);
     }
@@ -280,6 +293,9 @@ mod tests {
             "connection",
             HeaderValue::from_static("keep-alive, x-secret"),
         );
+        h.append("connection", HeaderValue::from_static("X-Other"));
+        h.insert("x-secret", HeaderValue::from_static("s"));
+        h.insert("x-other", HeaderValue::from_static("o"));
         h.insert("content-type", HeaderValue::from_static("application/json"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.append("x-trace", HeaderValue::from_static("a"));
