@@ -51,6 +51,18 @@ async fn tool_server() -> (String, CancellationToken) {
     (format!("{url}/api"), ct)
 }
 
+/// The test tool as `web` behind a sidecar with the `safety` policy and `extra` configuration.
+async fn web_sidecar(extra: &str) -> (Sidecar, CancellationToken) {
+    let (url, ct) = tool_server().await;
+    let sidecar = Sidecar::start_with(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: web\n    http_url: {url}\n"),
+        extra,
+    )
+    .await;
+    (sidecar, ct)
+}
+
 const LIMITS: &str =
     "name: limits\nrules:\n  - type: execution_limit\n    max_execution_time_ms: 500\n";
 
@@ -302,12 +314,7 @@ async fn a_permissive_deadline_reports_instead_of_cutting() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_json_output_passes() {
-    let (url, ct) = tool_server().await;
-    let sidecar = Sidecar::start(
-        &[("safety.yaml", SAFETY)],
-        &format!("  - name: web\n    http_url: {url}\n"),
-    )
-    .await;
+    let (sidecar, ct) = web_sidecar("").await;
     let (status, body) = send(reqwest::Method::GET, &sidecar.url("/tools/web/empty"), None).await;
     assert_eq!((status, body.as_str()), (200, ""));
     // HEAD: the tool answers JSON headers and no body.
@@ -319,12 +326,7 @@ async fn an_empty_json_output_passes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trailing_slash_reaches_the_base_path() {
-    let (url, ct) = tool_server().await;
-    let sidecar = Sidecar::start(
-        &[("safety.yaml", SAFETY)],
-        &format!("  - name: web\n    http_url: {url}\n"),
-    )
-    .await;
+    let (sidecar, ct) = web_sidecar("").await;
     // The fast path, and the router (HEAD, an escaped name).
     let (status, body) = send(reqwest::Method::GET, &sidecar.url("/tools/web/"), None).await;
     assert_eq!((status, body.as_str()), (200, "index"));
@@ -338,13 +340,7 @@ async fn a_trailing_slash_reaches_the_base_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_the_cap_is_counted_as_blocked() {
-    let (url, ct) = tool_server().await;
-    let sidecar = Sidecar::start_with(
-        &[("safety.yaml", SAFETY)],
-        &format!("  - name: web\n    http_url: {url}\n"),
-        "max_body_bytes: 2048",
-    )
-    .await;
+    let (sidecar, ct) = web_sidecar("max_body_bytes: 2048").await;
     let big = json!({"q": "x".repeat(4096)}).to_string();
     let (status, _) = send(
         reqwest::Method::POST,
@@ -370,13 +366,7 @@ async fn a_body_over_the_cap_is_counted_as_blocked() {
 async fn a_declared_length_over_the_cap_is_refused_before_the_upload() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let (url, ct) = tool_server().await;
-    let sidecar = Sidecar::start_with(
-        &[("safety.yaml", SAFETY)],
-        &format!("  - name: web\n    http_url: {url}\n"),
-        "max_body_bytes: 2048",
-    )
-    .await;
+    let (sidecar, ct) = web_sidecar("max_body_bytes: 2048").await;
     // The fast path, and the router (an escaped name).
     for path in ["/tools/web/search", "/tools/w%65b/search"] {
         let mut conn = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
