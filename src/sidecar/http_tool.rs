@@ -8,7 +8,6 @@ use std::sync::Arc;
 use axum::body::Body;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, Uri};
-use http_body_util::Full;
 use perfecx_policy::{Content, Enforcement, Limit};
 
 use super::Shared;
@@ -122,7 +121,7 @@ where
     let deadline = deadline(&active);
     let mut headers = parts.headers;
     outgoing_headers(&up, &mut headers);
-    let mut request = Request::new(Full::new(body.0));
+    let mut request = Request::new(body.0);
     *request.method_mut() = parts.method;
     *request.uri_mut() = uri;
     *request.headers_mut() = headers;

@@ -15,7 +15,10 @@
 //! Behaviour matches the shared client's: keep-alive connections reused most-recent first,
 //! closed after 30 s idle; `TCP_NODELAY`; a 5 s connect timeout; a request that a reused
 //! connection closed before it was sent goes out again on a new connection; errors read as the
-//! client's do.
+//! client's do. Beyond it, an idempotent request (`GET`, `HEAD`, `PUT`, `DELETE`, ...) that a
+//! reused connection lost after it was written, before an answer began, goes out again too: a
+//! tool that closes idle connections can close one just as a request arrives (nginx retries the
+//! same way).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::{Future, poll_fn};
@@ -95,13 +98,16 @@ impl Pool {
     /// up to `cap` bytes.
     pub async fn exchange(
         self: &Arc<Self>,
-        req: Request<Body>,
+        req: Request<Bytes>,
         cap: u64,
     ) -> Result<(Parts, Bytes), ExchangeError> {
-        let mut req = req;
+        let again = req.method().is_idempotent().then(|| copy(&req));
+        let mut req = req.map(Full::new);
         if let Some(mut conn) = self.checkout().await {
-            match drive(&mut conn, req, cap).await {
-                Ok((result, reusable)) => {
+            match (drive(&mut conn, req, cap).await, again) {
+                // Lost after it was written, with no answer begun: safe to send again.
+                (Ok((Err(ExchangeError::Send(_)), _)), Some(copy)) => req = copy.map(Full::new),
+                (Ok((result, reusable)), _) => {
                     if reusable {
                         self.put_back(conn);
                     }
@@ -109,7 +115,7 @@ impl Pool {
                 }
                 // The connection was closed before the request went out: send it again on a
                 // new one.
-                Err(again) => req = again,
+                (Err(unsent), _) => req = unsent,
             }
         }
         let mut conn = self.connect().await?;
@@ -198,6 +204,16 @@ impl Pool {
             }
         }
     }
+}
+
+/// A copy of `req` to send again.
+fn copy(req: &Request<Bytes>) -> Request<Bytes> {
+    let mut copy = Request::new(req.body().clone());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
 }
 
 /// Closes connections idle for longer than [`IDLE_TIMEOUT`] while any wait, then ends.
@@ -343,7 +359,7 @@ mod tests {
             let req = Request::builder()
                 .uri("/x")
                 .header("host", addr.to_string())
-                .body(Full::new(Bytes::new()))
+                .body(Bytes::new())
                 .unwrap();
             let Ok((parts, body)) = pool.exchange(req, 1024).await else {
                 panic!("the exchange failed");
@@ -355,16 +371,63 @@ mod tests {
         }
     }
 
+    /// Answers the first request of each connection and keeps it open, then reads the second
+    /// and closes without an answer: a request lost after it was written.
+    #[tokio::test]
+    async fn an_idempotent_request_lost_after_it_was_written_goes_out_again() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    for answer in [true, false] {
+                        let mut got = Vec::new();
+                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => got.extend_from_slice(&buf[..n]),
+                            }
+                        }
+                        if answer {
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            s.write_all(ok).await.unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        let pool = Pool::new(&format!("http://{addr}").parse().unwrap()).unwrap();
+        let request = |method: http::Method| {
+            Request::builder()
+                .method(method)
+                .uri("/x")
+                .header("host", addr.to_string())
+                .body(Bytes::new())
+                .unwrap()
+        };
+        // A new connection, then the same one again: lost, and sent on a new one.
+        for _ in 0..2 {
+            let Ok((parts, body)) = pool.exchange(request(http::Method::GET), 1024).await else {
+                panic!("the GET failed");
+            };
+            assert_eq!((parts.status.as_u16(), &body[..]), (200, &b"ok"[..]));
+        }
+        // A POST is not repeated: the tool may have acted on it.
+        match pool.exchange(request(http::Method::POST), 1024).await {
+            Err(ExchangeError::Send(m)) => assert!(m.starts_with("client error"), "{m}"),
+            _ => panic!("expected the POST to fail"),
+        }
+    }
+
     #[tokio::test]
     async fn a_dead_tool_reads_as_the_client_error() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let pool = Pool::new(&format!("http://{addr}").parse().unwrap()).unwrap();
-        let req = Request::builder()
-            .uri("/")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
+        let req = Request::builder().uri("/").body(Bytes::new()).unwrap();
         match pool.exchange(req, 1024).await {
             Err(ExchangeError::Send(m)) => assert!(m.starts_with("cannot connect: "), "{m}"),
             _ => panic!("expected a connect error"),
