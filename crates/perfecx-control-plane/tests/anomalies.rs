@@ -348,10 +348,7 @@ async fn a_spike_is_reported_when_the_agent_falls_silent(db: TestDb) {
         json!({"event_type": "tool_execution", "timestamp": rfc3339(T0 + 35 * 60_000 + 59_000),
         "data": {"tool": "web_search", "duration_ms": 200, "success": true}}),
     );
-    let reply = server
-        .post("/v1/agents/a1/events", &token, json!({"events": events}))
-        .await;
-    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    server.ingest("a1", &token, events).await;
     let found = ws::next_of(&mut socket, "anomaly_detected")
         .await
         .unwrap_or_default();

@@ -50,14 +50,7 @@ async fn metrics_from_events(db: TestDb) {
     }
     // Outside the range below: not counted.
     events.push(json!({"event_type": "tool_execution", "timestamp": "2024-01-15T11:00:00Z", "data": {"duration_ms": 9999}}));
-    let reply = server
-        .post(
-            "/v1/agents/my-agent-001/events",
-            &token,
-            json!({"events": events}),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    server.ingest("my-agent-001", &token, events).await;
 
     let path =
         "/v1/agents/my-agent-001/metrics?start=2024-01-15T09:00:00Z&end=2024-01-15T10:00:00Z";

@@ -97,14 +97,7 @@ async fn replicas_relay_over_postgres() {
         json!({"event_type": "tool_execution", "timestamp": at.to_rfc3339(),
         "data": {"tool": "export_all_records", "duration_ms": 120, "success": true}}),
     );
-    let reply = a
-        .post(
-            "/v1/agents/agent-two/events",
-            &second,
-            json!({"events": events}),
-        )
-        .await;
-    assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
+    a.ingest("agent-two", &second, events).await;
     let found = ws::next_of(&mut watching_two, "anomaly_detected")
         .await
         .unwrap_or_default();

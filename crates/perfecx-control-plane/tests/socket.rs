@@ -165,13 +165,7 @@ async fn socket_sends_metrics_updates_and_pings(db: TestDb) {
     let events: Vec<Value> = (0..10)
         .map(|i| json!({"event_type": "tool_execution", "data": {"tool": "web_search", "duration_ms": 100 * (i + 1), "success": i != 3}}))
         .collect();
-    server
-        .post(
-            "/v1/agents/my-agent-001/events",
-            &token,
-            json!({"events": events}),
-        )
-        .await;
+    server.ingest("my-agent-001", &token, events).await;
     // A later update has them, as the metrics endpoint counts them.
     let update = loop {
         let message = ws::next_of(&mut socket, "metrics_update")
@@ -228,19 +222,7 @@ async fn slow_reader_loses_oldest_messages_and_is_told(db: TestDb) {
         let events: Vec<Value> = (0..400)
             .map(|i| json!({"event_type": "policy_violation", "data": {"tool": "shell", "rule": "tool_restriction", "action": "blocked", "n": batch * 400 + i, "detail": detail}}))
             .collect();
-        let reply = server
-            .post(
-                "/v1/agents/my-agent-001/events",
-                &token,
-                json!({"events": events}),
-            )
-            .await;
-        assert_eq!(
-            reply.status,
-            reqwest::StatusCode::ACCEPTED,
-            "{}",
-            reply.body
-        );
+        server.ingest("my-agent-001", &token, events).await;
         sent += 400;
     }
     // Now it reads: messages in order, with gaps that `lagged` accounts for exactly.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use perfecx_control_plane::{Config, run};
 use reqwest::{Method, StatusCode, header::HeaderMap};
-use serde_json::Value;
+use serde_json::{Value, json};
 use sqlx::Connection;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -197,6 +197,13 @@ impl TestServer {
 
     pub async fn delete(&self, path: &str, key: &str) -> Reply {
         self.call(Method::DELETE, path, Some(key), None).await
+    }
+
+    /// Sends `events` as one batch for `agent_id` and checks that they are accepted.
+    pub async fn ingest(&self, agent_id: &str, key: &str, events: Vec<Value>) {
+        let path = format!("/v1/agents/{agent_id}/events");
+        let reply = self.post(&path, key, json!({ "events": events })).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.body);
     }
 
     /// Registers an agent and returns its token.
