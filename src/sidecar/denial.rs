@@ -25,6 +25,12 @@ pub struct Unjudgeable {
     pub reason: String,
 }
 
+/// The agent did not send its request body in time.
+#[derive(Debug, Clone)]
+pub struct SlowClient {
+    pub waited: std::time::Duration,
+}
+
 /// The tool did not answer within `max_execution_time_ms`.
 #[derive(Debug, Clone)]
 pub struct DeadlineExceeded {
@@ -51,6 +57,7 @@ pub enum Refusal {
     Policy(PolicyDenied),
     FailClosed(FailClosed),
     Unjudgeable(Unjudgeable),
+    SlowClient(SlowClient),
     Deadline(DeadlineExceeded),
     TooLarge(TooLarge),
     Upstream(UpstreamFailed),
@@ -64,6 +71,7 @@ impl Refusal {
             Refusal::Policy(PolicyDenied { output: false, .. })
                 | Refusal::FailClosed(_)
                 | Refusal::Unjudgeable(_)
+                | Refusal::SlowClient(_)
         )
     }
 }
@@ -86,6 +94,11 @@ impl fmt::Display for Refusal {
                 f,
                 "Refused by the perfecx sidecar: the call cannot be checked: {}",
                 p.reason
+            ),
+            Refusal::SlowClient(p) => write!(
+                f,
+                "Refused by the perfecx sidecar: the request body did not arrive within {:?}",
+                p.waited
             ),
             Refusal::Deadline(p) => write!(
                 f,
@@ -117,6 +130,11 @@ impl From<FailClosed> for Refusal {
 impl From<Unjudgeable> for Refusal {
     fn from(v: Unjudgeable) -> Self {
         Refusal::Unjudgeable(v)
+    }
+}
+impl From<SlowClient> for Refusal {
+    fn from(v: SlowClient) -> Self {
+        Refusal::SlowClient(v)
     }
 }
 impl From<DeadlineExceeded> for Refusal {

@@ -4,6 +4,7 @@
 //! tool that fails (a response over the cap included).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
@@ -12,7 +13,9 @@ use perfecx_policy::{Content, Enforcement, Limit};
 
 use super::Shared;
 use super::calls::{Finish, Tracker};
-use super::denial::{DeadlineExceeded, FailClosed, Refusal, TooLarge, Unjudgeable, UpstreamFailed};
+use super::denial::{
+    DeadlineExceeded, FailClosed, Refusal, SlowClient, TooLarge, Unjudgeable, UpstreamFailed,
+};
 use super::events::Checked;
 use super::mcp::CLIENT_BODY_TIMEOUT;
 use super::output_filter::{OutputVerdict, check_output};
@@ -43,32 +46,7 @@ where
     };
     let cap = shared.body_cap(Some(&active));
     let (parts, body) = req.into_parts();
-    // A body declared larger than the cap is refused before it is read, so that a client
-    // waiting for `100 Continue` is refused without uploading it.
-    let declared = parts
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    let read = match declared {
-        Some(n) if n > cap => Ok(Err(ReadError::TooLarge(TooLarge {
-            limit: cap,
-            what: "request body",
-        }))),
-        _ => {
-            tokio::time::timeout(CLIENT_BODY_TIMEOUT, read_limited(body, cap, "request body")).await
-        }
-    };
-    let bytes = match read {
-        Ok(Ok(b)) => Ok(b),
-        Ok(Err(ReadError::TooLarge(t))) => Err(Refusal::from(t)),
-        Ok(Err(ReadError::Failed(m))) => Err(Refusal::from(Unjudgeable {
-            reason: format!("cannot read the body: {m}"),
-        })),
-        Err(_) => Err(Refusal::from(Unjudgeable {
-            reason: "the request body did not arrive in time".into(),
-        })),
-    };
+    let bytes = read_body(&parts.headers, body, cap, CLIENT_BODY_TIMEOUT).await;
     // A call that cannot be read is refused, logged and counted like any other.
     let bytes = match bytes {
         Ok(b) => b,
@@ -248,6 +226,41 @@ where
     }
 }
 
+/// The agent's body, read whole within `wait`, up to `cap` bytes.
+async fn read_body<B>(
+    headers: &HeaderMap,
+    body: B,
+    cap: u64,
+    wait: Duration,
+) -> Result<Bytes, Refusal>
+where
+    B: http_body::Body<Data = Bytes> + Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    // A body declared larger than the cap is refused before it is read, so that a client
+    // waiting for `100 Continue` is refused without uploading it.
+    let declared = headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cap) {
+        return Err(TooLarge {
+            limit: cap,
+            what: "request body",
+        }
+        .into());
+    }
+    match tokio::time::timeout(wait, read_limited(body, cap, "request body")).await {
+        Ok(Ok(b)) => Ok(b),
+        Ok(Err(ReadError::TooLarge(t))) => Err(t.into()),
+        Ok(Err(ReadError::Failed(m))) => Err(Unjudgeable {
+            reason: format!("cannot read the body: {m}"),
+        }
+        .into()),
+        Err(_) => Err(SlowClient { waited: wait }.into()),
+    }
+}
+
 /// A plain HTTP call's arguments as one text for its event: the request line, then the body.
 fn input_text(method: &http::Method, rest: &str, query: Option<&str>, body: &[u8]) -> String {
     let path = if rest.is_empty() { "/" } else { rest };
@@ -365,5 +378,50 @@ mod tests {
         );
         let base: Uri = "http://127.0.0.1:8081".parse().unwrap();
         assert_eq!(target(&base, "", None).unwrap().to_string(), "/");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_does_not_arrive_in_time_is_refused_with_408() {
+        use std::convert::Infallible;
+
+        use http_body::Frame;
+        use http_body_util::{BodyExt, StreamBody};
+
+        let never = StreamBody::new(futures_util::stream::pending::<
+            Result<Frame<Bytes>, Infallible>,
+        >());
+        let wait = Duration::from_millis(50);
+        let refusal = read_body(&HeaderMap::new(), never, 1024, wait)
+            .await
+            .unwrap_err();
+        assert!(matches!(refusal, Refusal::SlowClient(_)), "{refusal}");
+        assert!(
+            refusal.blocked(),
+            "counted as blocked: the tool was not reached"
+        );
+
+        let res = rescue::http_error(&refusal);
+        assert_eq!(res.status(), http::StatusCode::REQUEST_TIMEOUT);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "request_timeout");
+        assert_eq!(
+            body["error"]["message"],
+            "Refused by the perfecx sidecar: the request body did not arrive within 50ms"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_declared_too_large_is_refused_before_it_is_read() {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_LENGTH, "2048".parse().unwrap());
+        // Were this body read, the call would wait out its 10 s and fail as too slow.
+        let body = http_body_util::StreamBody::new(futures_util::stream::pending::<
+            Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+        >());
+        let refusal = read_body(&headers, body, 1024, Duration::from_secs(10))
+            .await
+            .unwrap_err();
+        assert!(matches!(refusal, Refusal::TooLarge(_)), "{refusal}");
     }
 }

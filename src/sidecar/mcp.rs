@@ -22,7 +22,9 @@ use tokio::time::Instant;
 
 use super::Shared;
 use super::calls::{Finish, Pending, Tracker};
-use super::denial::{DeadlineExceeded, FailClosed, Refusal, Unjudgeable, UpstreamFailed};
+use super::denial::{
+    DeadlineExceeded, FailClosed, Refusal, SlowClient, Unjudgeable, UpstreamFailed,
+};
 use super::events::Checked;
 use super::jsonrpc::{self, Reply, Request as Rpc};
 use super::output_filter::{OutputVerdict, check_output};
@@ -76,10 +78,12 @@ pub async fn read_request(body: Body, cap: u64) -> Result<Bytes, Response<Body>>
     match tokio::time::timeout(CLIENT_BODY_TIMEOUT, read_limited(body, cap, "request body")).await {
         Err(_) => Err(rescue::json_response(
             StatusCode::REQUEST_TIMEOUT,
-            jsonrpc::error_message(
+            rescue::request_error(
                 None,
-                jsonrpc::INVALID_REQUEST,
-                "the request body did not arrive in time",
+                &SlowClient {
+                    waited: CLIENT_BODY_TIMEOUT,
+                }
+                .into(),
             ),
         )),
         Ok(Err(ReadError::TooLarge(t))) => Err(rescue::json_response(

@@ -25,6 +25,7 @@ pub fn tool_call_answer(id: &str, refusal: &Refusal) -> String {
 pub fn request_error(id: Option<&str>, refusal: &Refusal) -> String {
     let code = match refusal {
         Refusal::Unjudgeable(_) => jsonrpc::INVALID_PARAMS,
+        Refusal::SlowClient(_) => jsonrpc::INVALID_REQUEST,
         _ => jsonrpc::INTERNAL_ERROR,
     };
     jsonrpc::error_message(id, code, &refusal.to_string())
@@ -37,6 +38,7 @@ pub fn status(refusal: &Refusal) -> StatusCode {
         Refusal::Policy(_) => StatusCode::FORBIDDEN,
         Refusal::FailClosed(_) => StatusCode::SERVICE_UNAVAILABLE,
         Refusal::Unjudgeable(_) => StatusCode::BAD_REQUEST,
+        Refusal::SlowClient(_) => StatusCode::REQUEST_TIMEOUT,
         Refusal::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
         Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Refusal::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -49,6 +51,7 @@ fn code(refusal: &Refusal) -> &'static str {
         Refusal::Policy(_) => "policy_violation",
         Refusal::FailClosed(_) => "no_policy",
         Refusal::Unjudgeable(_) => "bad_request",
+        Refusal::SlowClient(_) => "request_timeout",
         Refusal::Deadline(_) => "deadline_exceeded",
         Refusal::TooLarge(_) => "payload_too_large",
         Refusal::Upstream(_) => "upstream_failed",
