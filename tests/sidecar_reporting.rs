@@ -676,3 +676,61 @@ async fn perfecx_up_reports_to_its_own_control_plane() {
     };
     assert!(status.success(), "{status}: {}", up.log());
 }
+
+/// tokio itself panics on such a value; the sidecar warns and uses one thread per CPU.
+#[test]
+fn a_worker_thread_count_that_is_not_a_number_is_a_warning_not_a_crash() {
+    use std::io::{Read, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let free = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+    };
+    let (listen, admin) = (free(), free());
+    let config = dir.path().join("sidecar.yaml");
+    let policies = Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    std::fs::write(
+        &config,
+        format!(
+            "agent_id: a1\nlisten: {listen}\nadmin_listen: {admin}\npolicy_dir: {}\n",
+            policies.display()
+        ),
+    )
+    .unwrap();
+    let mut sidecar = std::process::Command::new(env!("CARGO_BIN_EXE_perfecx"))
+        .args(["sidecar", "--config"])
+        .arg(&config)
+        .env("TOKIO_WORKER_THREADS", "two")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ready = || -> Option<String> {
+        let mut s = std::net::TcpStream::connect(admin).ok()?;
+        s.write_all(b"GET /readyz HTTP/1.0\r\n\r\n").ok()?;
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).ok()?;
+        Some(answer)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let answer = loop {
+        match ready() {
+            Some(answer) => break answer,
+            None if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50))
+            }
+            None => break String::new(),
+        }
+    };
+    sidecar.kill().unwrap();
+    let out = sidecar.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer:?}\n{stderr}");
+    assert!(
+        stderr.contains("TOKIO_WORKER_THREADS is not a positive number"),
+        "{stderr}"
+    );
+}

@@ -58,10 +58,13 @@ pub fn main(args: SidecarArgs) -> ExitCode {
 pub fn block_on<E: std::fmt::Display>(
     work: impl std::future::Future<Output = Result<(), E>>,
 ) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // tokio reads `TOKIO_WORKER_THREADS` too, and panics on a value that is not a plain
+    // positive number; the sidecar reads it leniently, and warns, instead.
+    if let Ok(value) = std::env::var("TOKIO_WORKER_THREADS") {
+        builder.worker_threads(super::thread_count(&value).unwrap_or_else(super::cpus));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

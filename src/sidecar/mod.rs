@@ -220,14 +220,24 @@ pub async fn run(
 /// count) when it is a positive number, else one per CPU the process may use.
 fn worker_threads(configured: Option<&str>) -> usize {
     if let Some(value) = configured {
-        match value.trim().parse::<usize>() {
-            Ok(n) if n > 0 => return n,
-            _ => tracing::warn!(
+        match thread_count(value) {
+            Some(n) => return n,
+            None => tracing::warn!(
                 value,
                 "TOKIO_WORKER_THREADS is not a positive number; using one thread per CPU"
             ),
         }
     }
+    cpus()
+}
+
+/// `value` as a thread count, if it is one.
+pub(crate) fn thread_count(value: &str) -> Option<usize> {
+    value.trim().parse().ok().filter(|&n| n > 0)
+}
+
+/// The CPUs this process may use.
+pub(crate) fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 

@@ -147,9 +147,22 @@ pub fn keys_main(command: KeysCommand) -> std::process::ExitCode {
 }
 
 fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> std::process::ExitCode {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build();
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // tokio reads `TOKIO_WORKER_THREADS` itself, and panics on a value that is not a plain
+    // positive number; it is read leniently here instead.
+    if let Ok(value) = std::env::var("TOKIO_WORKER_THREADS") {
+        let threads = match value.trim().parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                eprintln!(
+                    "perfecx: TOKIO_WORKER_THREADS={value:?} is not a positive number; using one thread per CPU"
+                );
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            }
+        };
+        builder.worker_threads(threads);
+    }
+    let runtime = builder.enable_all().build();
     let result = match runtime {
         Ok(runtime) => runtime.block_on(work),
         Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
