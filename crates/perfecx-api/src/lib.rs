@@ -24,7 +24,7 @@ pub use metrics::{
 pub use policies::{
     AgentPolicyList, ApplyPoliciesRequest, BundledPolicy, PolicyBundle, PolicyList, PolicyRecord,
 };
-pub use ws::{ClientMessage, ServerMessage};
+pub use ws::{ClientMessage, ServerMessage, Topic};
 
 use serde::{Deserialize, Serialize};
 

@@ -14,6 +14,7 @@ on_both_databases!(
     socket_pushes_bundles_and_violations,
     socket_refuses_without_auth,
     socket_sends_metrics_updates_and_pings,
+    socket_sends_only_the_types_subscribed_to,
     slow_reader_loses_oldest_messages_and_is_told
 );
 
@@ -138,6 +139,47 @@ async fn socket_refuses_without_auth(db: TestDb) {
         ws::closed(&mut ghost).await,
         Some((POLICY, "no such agent".into()))
     );
+    server.stop().await;
+}
+
+async fn socket_sends_only_the_types_subscribed_to(db: TestDb) {
+    let server = TestServer::start_with(&db, |config| {
+        config.websocket.metrics_interval = Duration::from_millis(20);
+    })
+    .await;
+    let token = server.register("my-agent-001").await;
+    // As the sidecar asks: its bundles and nothing else.
+    let mut socket = ws::open(&server, "my-agent-001").await;
+    let auth = json!({"type": "auth", "token": token, "subscribe": ["policy_bundle"]});
+    ws::send_text(&mut socket, auth.to_string()).await;
+    assert_eq!(
+        ws::next(&mut socket).await.unwrap_or_default()["type"],
+        "policy_bundle"
+    );
+
+    // A violation and many metrics intervals go by; then a new bundle.
+    let violation = json!({"tool": "shell", "rule": "tool_restriction", "action": "blocked"});
+    let event = json!({"event_type": "policy_violation", "data": violation});
+    server.ingest("my-agent-001", &token, vec![event]).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let policy = json!({"name": "no-shell", "rules": [{"type": "tool_restriction", "forbidden_tools": ["shell"]}]});
+    let created = server.post("/v1/policies", ADMIN_KEY, policy).await;
+    let attach = json!({"policy_ids": [created.body["policy_id"]]});
+    server
+        .post("/v1/agents/my-agent-001/policies", ADMIN_KEY, attach)
+        .await;
+    // The very next message is that bundle: nothing else was sent in between.
+    let next = ws::next(&mut socket).await.unwrap_or_default();
+    assert_eq!(next["type"], "policy_bundle", "{next}");
+    assert_eq!(next["data"]["policies"][0]["document"]["name"], "no-shell");
+
+    // A type that does not exist is refused, with the reason.
+    let mut refused = ws::open(&server, "my-agent-001").await;
+    let auth = json!({"type": "auth", "token": token, "subscribe": ["gossip"]});
+    ws::send_text(&mut refused, auth.to_string()).await;
+    let (code, reason) = ws::closed(&mut refused).await.unwrap_or_default();
+    assert_eq!(code, POLICY);
+    assert!(reason.contains("unknown variant `gossip`"), "{reason}");
     server.stop().await;
 }
 

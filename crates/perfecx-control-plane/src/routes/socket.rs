@@ -2,7 +2,9 @@
 //!
 //! - The first message must be `{"type": "auth", "token": ...}` (that agent's token, or an API
 //!   key with `read`), within `auth_timeout` (10 s); otherwise the socket is closed with code
-//!   1008 (policy violation) and a reason.
+//!   1008 (policy violation) and a reason. An extension: `"subscribe": [...]` in it limits the
+//!   socket to those message types (`lagged` is always sent); the sidecar asks for
+//!   `policy_bundle` alone, so that no metrics are computed for it.
 //! - Then the server sends `{"type": ..., "data": ...}`: `policy_bundle` at once and whenever
 //!   the agent's policies change, `policy_violation` for each violation it reports,
 //!   `anomaly_detected` for each anomaly found in its behaviour, and `metrics_update` (the last
@@ -20,7 +22,7 @@ use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::response::Response;
 use axum::routing::get;
-use perfecx_api::{ClientMessage, Scope, ServerMessage};
+use perfecx_api::{ClientMessage, Scope, ServerMessage, Topic};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -50,13 +52,28 @@ async fn close(mut socket: WebSocket, code: u16, reason: &str) {
     let _ = socket.send(Message::Close(Some(frame))).await;
 }
 
-/// The token of the first message, or why there is none.
-async fn auth_token(state: &AppState, socket: &mut WebSocket) -> Result<String, String> {
+/// What the first message asks for: a token, and which kinds of message (all when `None`).
+struct Auth {
+    token: String,
+    subscribe: Option<Vec<Topic>>,
+}
+
+impl Auth {
+    fn wants(&self, message: &ServerMessage) -> bool {
+        match (&self.subscribe, message.topic()) {
+            (Some(topics), Some(topic)) => topics.contains(&topic),
+            _ => true,
+        }
+    }
+}
+
+/// The first message, or why it is not an auth message.
+async fn auth_message(state: &AppState, socket: &mut WebSocket) -> Result<Auth, String> {
     let first = tokio::time::timeout(state.websocket().auth_timeout, socket.recv()).await;
     match first {
         Err(_) => Err("no auth message in time".into()),
         Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<ClientMessage>(&text) {
-            Ok(ClientMessage::Auth { token }) => Ok(token),
+            Ok(ClientMessage::Auth { token, subscribe }) => Ok(Auth { token, subscribe }),
             Err(e) => Err(format!(
                 "the first message must be {{\"type\":\"auth\",\"token\":...}}: {e}"
             )),
@@ -75,11 +92,11 @@ fn short(reason: &str) -> &str {
 }
 
 async fn serve(state: AppState, agent_id: String, mut socket: WebSocket) {
-    let token = match auth_token(&state, &mut socket).await {
-        Ok(token) => token,
+    let auth = match auth_message(&state, &mut socket).await {
+        Ok(auth) => auth,
         Err(reason) => return close(socket, close_code::POLICY, short(&reason)).await,
     };
-    let allowed = match authenticate(&state, &token).await {
+    let allowed = match authenticate(&state, &auth.token).await {
         Ok(who) => who.require_agent(&agent_id, Scope::Read).is_ok(),
         Err(_) => false,
     };
@@ -91,10 +108,8 @@ async fn serve(state: AppState, agent_id: String, mut socket: WebSocket) {
     let mut messages = state.hub().subscribe(&agent_id);
     match super::policies::build_bundle(&state, &agent_id).await {
         Ok(bundle) => {
-            if send(&mut socket, &ServerMessage::PolicyBundle(bundle))
-                .await
-                .is_err()
-            {
+            let bundle = ServerMessage::PolicyBundle(bundle);
+            if auth.wants(&bundle) && send(&mut socket, &bundle).await.is_err() {
                 return;
             }
         }
@@ -104,6 +119,11 @@ async fn serve(state: AppState, agent_id: String, mut socket: WebSocket) {
     let at_least = |d: Duration| d.max(Duration::from_millis(10));
     let mut metrics = tokio::time::interval(at_least(settings.metrics_interval));
     metrics.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Metrics are computed for each socket; none for one that did not ask for them.
+    let metrics_wanted = auth
+        .subscribe
+        .as_ref()
+        .is_none_or(|topics| topics.contains(&Topic::MetricsUpdate));
     let ping_every = at_least(settings.ping_interval);
     let mut pings = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     pings.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -121,11 +141,11 @@ async fn serve(state: AppState, agent_id: String, mut socket: WebSocket) {
                         return close(socket, close_code::NORMAL, "the agent was deleted").await;
                     }
                 };
-                if send(&mut socket, &message).await.is_err() {
+                if auth.wants(&message) && send(&mut socket, &message).await.is_err() {
                     return;
                 }
             }
-            _ = metrics.tick() => {
+            _ = metrics.tick(), if metrics_wanted => {
                 let end = now_ms();
                 let update = match compute(&state, agent_id.clone(), end - HOUR_MS, end).await {
                     Ok(update) => update,
