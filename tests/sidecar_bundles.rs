@@ -1,6 +1,6 @@
-//! End-to-end: the sidecar pulls its agent's policy bundle from a real control plane and
-//! enforces it alongside the policy files, also across a restart while the control plane is
-//! down.
+//! End-to-end: the sidecar gets its agent's policy bundle from a real control plane (pushed over
+//! the WebSocket, polled besides) and enforces it alongside the policy files, also across a
+//! restart while the control plane is down.
 
 mod common;
 
@@ -19,8 +19,18 @@ fn forbidding(tool: &str) -> Value {
 }
 
 async fn start(cp_base: &str, spool: &std::path::Path, mcp_url: &str, token: &str) -> Sidecar {
+    start_polling_every(cp_base, spool, mcp_url, token, 100).await
+}
+
+async fn start_polling_every(
+    cp_base: &str,
+    spool: &std::path::Path,
+    mcp_url: &str,
+    token: &str,
+    poll_ms: u64,
+) -> Sidecar {
     let extra = format!(
-        "control_plane:\n  url: {cp_base}\n  token_env: PERFECX_TEST_TOKEN_UNUSED\n  spool_dir: {}\n  bundle_poll_interval_ms: 100\n",
+        "control_plane:\n  url: {cp_base}\n  token_env: PERFECX_TEST_TOKEN_UNUSED\n  spool_dir: {}\n  bundle_poll_interval_ms: {poll_ms}\n",
         spool.display()
     );
     let token = token.to_owned();
@@ -132,6 +142,58 @@ async fn the_agents_bundle_is_enforced_with_the_files_and_kept_across_a_restart(
             .await
             .is_some()
     );
+
+    sidecar.stop().await;
+    mcp_ct.cancel();
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_change_is_pushed_at_once_not_at_the_next_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp = ControlPlane::start(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        &dir.path().join("cp.db"),
+    )
+    .await;
+    let token = cp.register(AGENT).await;
+    let (mcp_url, mcp_ct) = mcp_server(true).await;
+    // The next poll is ten minutes away: only a push can deliver a change within the test.
+    let spool = dir.path().join("spool");
+    let sidecar = start_polling_every(&cp.base, &spool, &mcp_url, &token, 600_000).await;
+    let echo = json!({"text": "hi"});
+    assert_eq!(refusal(&sidecar, "echo", echo.clone()).await, None);
+
+    let created = cp
+        .request(Method::POST, "/v1/policies", Some(forbidding("echo")))
+        .await;
+    let policy_id = created["policy_id"].as_str().unwrap().to_owned();
+    cp.request(
+        Method::POST,
+        &format!("/v1/agents/{AGENT}/policies"),
+        Some(json!({"policy_ids": [policy_id]})),
+    )
+    .await;
+    eventually("the pushed bundle is enforced", || async {
+        refusal(&sidecar, "echo", echo.clone())
+            .await
+            .is_some_and(|t| t.contains("policy `central`"))
+    })
+    .await;
+    // Kept on disk like a polled one, for a restart without the control plane.
+    let kept = std::fs::read_to_string(spool.join("policy-bundle.json")).unwrap();
+    assert!(kept.contains(&policy_id), "{kept}");
+
+    cp.request(
+        Method::DELETE,
+        &format!("/v1/agents/{AGENT}/policies/{policy_id}"),
+        None,
+    )
+    .await;
+    eventually("the detached policy is lifted", || async {
+        refusal(&sidecar, "echo", echo.clone()).await.is_none()
+    })
+    .await;
 
     sidecar.stop().await;
     mcp_ct.cancel();

@@ -1,6 +1,9 @@
-//! Policy bundles pulled from the control plane: `GET {url}/v1/agents/{agent_id}/policy-bundle`,
-//! polled (every `bundle_poll_interval_ms`) with `If-None-Match`, and applied alongside the
-//! policy files ([`Policies::set_bundle`]).
+//! Policy bundles from the control plane, applied alongside the policy files
+//! ([`Policies::set_bundle`]). The control plane pushes each new bundle over its WebSocket
+//! (`/agents/{agent_id}`, subscribed to `policy_bundle` alone), so that a change takes effect
+//! at once; `GET {url}/v1/agents/{agent_id}/policy-bundle`, polled every
+//! `bundle_poll_interval_ms` with `If-None-Match`, catches whatever the socket missed (while it
+//! was down, or when the control plane says it dropped messages).
 //!
 //! A bundle is applied whole, and only when every document in it is a valid policy and the
 //! names are unique; otherwise the last good bundle stays in force, and `/policies` and
@@ -10,13 +13,17 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
-use perfecx_api::{ErrorBody, PolicyBundle};
+use perfecx_api::{ClientMessage, ErrorBody, PolicyBundle, ServerMessage, Topic};
 use perfecx_policy::{PolicySet, parse_policy};
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
 use super::config::ControlPlane;
@@ -27,14 +34,25 @@ use super::upstream::{HttpClient, describe_client_error, http_client};
 const MAX_BUNDLE_BYTES: usize = 16 * 1024 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const CACHE_FILE: &str = "policy-bundle.json";
+/// The control plane pings every 20 s: a socket silent for longer than this is dead.
+const SOCKET_SILENCE: Duration = Duration::from_secs(60);
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 /// Where bundles come from, and how often they are asked for.
 pub struct Source {
     uri: Uri,
+    /// The WebSocket that pushes them: `ws://.../agents/{agent_id}`.
+    socket: String,
+    token: String,
     authorization: HeaderValue,
     client: HttpClient,
     interval: Duration,
     cache: PathBuf,
+    /// Asks the poller to fetch at once: the socket lost messages.
+    fetch_now: Notify,
+    /// Held while a bundle is applied, so that a fetched bundle cannot replace a newer pushed one.
+    applying: tokio::sync::Mutex<()>,
 }
 
 /// The source `settings` describe; `None` when pulling is turned off.
@@ -50,16 +68,27 @@ pub fn source(settings: &ControlPlane, agent_id: &str) -> Result<Option<Source>,
     let uri = url
         .parse()
         .map_err(|e| format!("cannot make the policy bundle URL `{url}`: {e}"))?;
+    // The URL is checked to be `http://`, so the socket is `ws://`.
+    let socket = format!(
+        "ws{}/agents/{agent_id}",
+        base.to_string()
+            .trim_end_matches('/')
+            .trim_start_matches("http")
+    );
     let token = settings.token()?;
     let authorization = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
         "the registration token holds characters not allowed in a header".to_owned()
     })?;
     Ok(Some(Source {
         uri,
+        socket,
+        token,
         authorization,
         client: http_client(),
         interval,
         cache: settings.spool_dir().join(CACHE_FILE),
+        fetch_now: Notify::new(),
+        applying: tokio::sync::Mutex::new(()),
     }))
 }
 
@@ -118,40 +147,26 @@ pub async fn restore(source: &Source, policies: &Policies) {
 }
 
 /// Polls for bundles until `stop`.
-pub async fn poll(source: Source, policies: Arc<Policies>, stop: CancellationToken) {
-    let mut etag = policies
-        .bundle_revision()
-        .and_then(|r| HeaderValue::from_str(&format!("\"{r}\"")).ok());
+pub async fn poll(source: Arc<Source>, policies: Arc<Policies>, stop: CancellationToken) {
     // The last problem logged, so that one that lasts is logged once.
     let mut problem: Option<String> = None;
     loop {
+        // Asked for as of the bundle in force, whichever way it came.
+        let asked = policies.bundle_revision();
+        let etag = asked
+            .as_ref()
+            .and_then(|r| HeaderValue::from_str(&format!("\"{r}\"")).ok());
         match fetch(&source, etag.as_ref()).await {
             Ok(Fetched::Unchanged) => {
                 if problem.take().is_some() {
                     tracing::info!("policy bundles can be fetched again");
                 }
             }
-            Ok(Fetched::Bundle(bundle, new_etag, raw)) => {
-                let revision = bundle.revision.clone();
-                match check(bundle) {
-                    Ok(bundle) => {
-                        problem = None;
-                        let count = bundle.policies.len();
-                        keep(&source.cache, raw).await;
-                        if policies.set_bundle(bundle).await {
-                            tracing::info!(%revision, policies = count, "policy bundle applied");
-                        } else if let Some(error) = policies.report().error {
-                            tracing::error!(%revision, error = %error, "the policy bundle and the policy files do not compile together; the last good set stays in force");
-                        }
-                        etag = new_etag;
-                    }
-                    Err(e) => {
-                        if problem.as_deref() != Some(e.as_str()) {
-                            tracing::error!(%revision, error = %e, "policy bundle refused; the last good set stays in force");
-                            policies.bundle_refused(format!("bundle {revision}: {e}"));
-                        }
-                        problem = Some(e);
-                    }
+            Ok(Fetched::Bundle(bundle, raw)) => {
+                let _one = source.applying.lock().await;
+                // A bundle pushed while this one was on its way is newer: it stays.
+                if policies.bundle_revision() == asked {
+                    apply(&source, &policies, bundle, raw, &mut problem).await;
                 }
             }
             Err(e) => {
@@ -164,14 +179,139 @@ pub async fn poll(source: Source, policies: Arc<Policies>, stop: CancellationTok
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(source.interval) => {}
+            _ = source.fetch_now.notified() => {}
+        }
+    }
+}
+
+/// Checks `bundle`, keeps it on disk (`raw`, its bytes) and applies it; or logs why not, once
+/// for a problem that lasts (`problem`, the last one logged).
+async fn apply(
+    source: &Source,
+    policies: &Policies,
+    bundle: PolicyBundle,
+    raw: Bytes,
+    problem: &mut Option<String>,
+) {
+    let revision = bundle.revision.clone();
+    match check(bundle) {
+        Ok(bundle) => {
+            *problem = None;
+            let count = bundle.policies.len();
+            keep(&source.cache, raw).await;
+            if policies.set_bundle(bundle).await {
+                tracing::info!(%revision, policies = count, "policy bundle applied");
+            } else if let Some(error) = policies.report().error {
+                tracing::error!(%revision, error = %error, "the policy bundle and the policy files do not compile together; the last good set stays in force");
+            }
+        }
+        Err(e) => {
+            if problem.as_deref() != Some(e.as_str()) {
+                tracing::error!(%revision, error = %e, "policy bundle refused; the last good set stays in force");
+                policies.bundle_refused(format!("bundle {revision}: {e}"));
+            }
+            *problem = Some(e);
+        }
+    }
+}
+
+/// Takes the bundles the control plane pushes over its WebSocket until `stop`, connecting
+/// again with backoff when the socket fails or closes (polling goes on meanwhile).
+pub async fn listen(source: Arc<Source>, policies: Arc<Policies>, stop: CancellationToken) {
+    let mut backoff = FIRST_BACKOFF;
+    // The last reason the socket ended, so that one that lasts is logged once.
+    let mut ended: Option<String> = None;
+    let mut problem: Option<String> = None;
+    loop {
+        let opened = Instant::now();
+        let reason = tokio::select! {
+            _ = stop.cancelled() => return,
+            reason = session(&source, &policies, &mut problem) => reason,
+        };
+        if opened.elapsed() > MAX_BACKOFF {
+            backoff = FIRST_BACKOFF;
+        }
+        if ended.as_deref() != Some(reason.as_str()) {
+            tracing::warn!(socket = %source.socket, reason = %reason, retry_in_s = backoff.as_secs(), "policy bundles are not pushed; polling goes on");
+        }
+        ended = Some(reason);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One connection to the control plane's WebSocket; returns why it ended.
+async fn session(source: &Source, policies: &Policies, problem: &mut Option<String>) -> String {
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_BUNDLE_BYTES))
+        .max_frame_size(Some(MAX_BUNDLE_BYTES));
+    let connect =
+        tokio_tungstenite::connect_async_with_config(source.socket.as_str(), Some(config), true);
+    let mut socket = match tokio::time::timeout(REQUEST_TIMEOUT, connect).await {
+        Ok(Ok((socket, _))) => socket,
+        Ok(Err(e)) => return format!("cannot connect: {e}"),
+        Err(_) => return format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
+    };
+    let auth = ClientMessage::Auth {
+        token: source.token.clone(),
+        subscribe: Some(vec![Topic::PolicyBundle]),
+    };
+    let auth = serde_json::to_string(&auth).unwrap_or_default();
+    if let Err(e) = socket.send(Message::text(auth)).await {
+        return format!("cannot authenticate: {e}");
+    }
+    let mut announced = false;
+    loop {
+        let message = match tokio::time::timeout(SOCKET_SILENCE, socket.next()).await {
+            Err(_) => return format!("nothing heard for {} s", SOCKET_SILENCE.as_secs()),
+            Ok(None) => return "the control plane closed the connection".into(),
+            Ok(Some(Err(e))) => return format!("the connection broke off: {e}"),
+            Ok(Some(Ok(message))) => message,
+        };
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Close(frame) => {
+                return match frame {
+                    Some(f) => format!("closed by the control plane ({}): {}", f.code, f.reason),
+                    None => "closed by the control plane".into(),
+                };
+            }
+            // Pings are answered by the library as it reads.
+            _ => continue,
+        };
+        match serde_json::from_str::<ServerMessage>(text.as_str()) {
+            Ok(ServerMessage::PolicyBundle(bundle)) => {
+                if !announced {
+                    announced = true;
+                    tracing::info!(socket = %source.socket, "policy bundles are pushed as they change");
+                }
+                // The bundle in force comes first on every connection: nothing to do.
+                if policies.bundle_revision().as_deref() == Some(bundle.revision.as_str())
+                    && problem.is_none()
+                {
+                    continue;
+                }
+                let raw = serde_json::to_vec(&bundle)
+                    .map(Bytes::from)
+                    .unwrap_or_default();
+                let _one = source.applying.lock().await;
+                apply(source, policies, bundle, raw, problem).await;
+            }
+            // Messages were dropped, a bundle among them perhaps: fetch it.
+            Ok(ServerMessage::Lagged { .. }) => source.fetch_now.notify_one(),
+            // Only bundles were asked for; a newer control plane may send more.
+            Ok(_) | Err(_) => {}
         }
     }
 }
 
 enum Fetched {
     Unchanged,
-    /// The bundle, its `ETag`, and its bytes (kept on disk once checked).
-    Bundle(PolicyBundle, Option<HeaderValue>, Bytes),
+    /// The bundle and its bytes (kept on disk once checked).
+    Bundle(PolicyBundle, Bytes),
 }
 
 async fn fetch(source: &Source, etag: Option<&HeaderValue>) -> Result<Fetched, String> {
@@ -191,23 +331,22 @@ async fn fetch(source: &Source, etag: Option<&HeaderValue>) -> Result<Fetched, S
             .await
             .map_err(|e| describe_client_error(&e))?;
         let status = res.status();
-        let etag = res.headers().get(header::ETAG).cloned();
         let body = Limited::new(res.into_body(), MAX_BUNDLE_BYTES)
             .collect()
             .await
             .map(|b| b.to_bytes())
             .map_err(|e| format!("cannot read the bundle: {e}"))?;
-        Ok::<_, String>((status, etag, body))
+        Ok::<_, String>((status, body))
     })
     .await
     .map_err(|_| format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()))??;
-    let (status, etag, body) = answer;
+    let (status, body) = answer;
     match status {
         StatusCode::NOT_MODIFIED => Ok(Fetched::Unchanged),
         StatusCode::OK => {
             let bundle = serde_json::from_slice::<PolicyBundle>(&body)
                 .map_err(|e| format!("the bundle is not a policy bundle: {e}"))?;
-            Ok(Fetched::Bundle(bundle, etag, body))
+            Ok(Fetched::Bundle(bundle, body))
         }
         status => {
             let message = serde_json::from_slice::<ErrorBody>(&body)

@@ -171,6 +171,12 @@ pub async fn run(
     });
 
     if let Some(source) = bundles {
+        let source = Arc::new(source);
+        tasks.push(tokio::spawn(bundle::listen(
+            source.clone(),
+            policies.clone(),
+            stop.clone(),
+        )));
         tasks.push(tokio::spawn(bundle::poll(
             source,
             policies.clone(),
