@@ -43,6 +43,26 @@ async fn start_polling_every(
     .await
 }
 
+/// Creates a policy in the control plane and applies it to the agent; its id.
+async fn apply_to_agent(cp: &ControlPlane, document: Value) -> String {
+    let created = cp
+        .request(Method::POST, "/v1/policies", Some(document))
+        .await;
+    let policy_id = created["policy_id"].as_str().unwrap().to_owned();
+    cp.request(
+        Method::POST,
+        &format!("/v1/agents/{AGENT}/policies"),
+        Some(json!({"policy_ids": [policy_id]})),
+    )
+    .await;
+    policy_id
+}
+
+async fn detach_from_agent(cp: &ControlPlane, policy_id: &str) {
+    let path = format!("/v1/agents/{AGENT}/policies/{policy_id}");
+    cp.request(Method::DELETE, &path, None).await;
+}
+
 /// Whether a call of `tool` is refused, and by which policy (the refusal's text).
 async fn refusal(sidecar: &Sidecar, tool: &str, args: Value) -> Option<String> {
     let agent = client(&sidecar.mcp_url("tools")).await;
@@ -59,16 +79,7 @@ async fn the_agents_bundle_is_enforced_with_the_files_and_kept_across_a_restart(
     let cp = ControlPlane::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), &db).await;
     let (addr, base) = (cp.addr, cp.base.clone());
     let token = cp.register(AGENT).await;
-    let created = cp
-        .request(Method::POST, "/v1/policies", Some(forbidding("echo")))
-        .await;
-    let policy_id = created["policy_id"].as_str().unwrap().to_owned();
-    cp.request(
-        Method::POST,
-        &format!("/v1/agents/{AGENT}/policies"),
-        Some(json!({"policy_ids": [policy_id]})),
-    )
-    .await;
+    let policy_id = apply_to_agent(&cp, forbidding("echo")).await;
 
     let (mcp_url, mcp_ct) = mcp_server(true).await;
     let sidecar = start(&base, &spool, &mcp_url, &token).await;
@@ -125,12 +136,7 @@ async fn the_agents_bundle_is_enforced_with_the_files_and_kept_across_a_restart(
     })
     .await;
     assert_eq!(refusal(&sidecar, "echo", echo.clone()).await, None);
-    cp.request(
-        Method::DELETE,
-        &format!("/v1/agents/{AGENT}/policies/{policy_id}"),
-        None,
-    )
-    .await;
+    detach_from_agent(&cp, &policy_id).await;
     eventually("the detached policy is lifted", || async {
         refusal(&sidecar, "add", json!({"a": 1, "b": 1}))
             .await
@@ -164,16 +170,7 @@ async fn a_bundle_change_is_pushed_at_once_not_at_the_next_poll() {
     let echo = json!({"text": "hi"});
     assert_eq!(refusal(&sidecar, "echo", echo.clone()).await, None);
 
-    let created = cp
-        .request(Method::POST, "/v1/policies", Some(forbidding("echo")))
-        .await;
-    let policy_id = created["policy_id"].as_str().unwrap().to_owned();
-    cp.request(
-        Method::POST,
-        &format!("/v1/agents/{AGENT}/policies"),
-        Some(json!({"policy_ids": [policy_id]})),
-    )
-    .await;
+    let policy_id = apply_to_agent(&cp, forbidding("echo")).await;
     eventually("the pushed bundle is enforced", || async {
         refusal(&sidecar, "echo", echo.clone())
             .await
@@ -184,12 +181,7 @@ async fn a_bundle_change_is_pushed_at_once_not_at_the_next_poll() {
     let kept = std::fs::read_to_string(spool.join("policy-bundle.json")).unwrap();
     assert!(kept.contains(&policy_id), "{kept}");
 
-    cp.request(
-        Method::DELETE,
-        &format!("/v1/agents/{AGENT}/policies/{policy_id}"),
-        None,
-    )
-    .await;
+    detach_from_agent(&cp, &policy_id).await;
     eventually("the detached policy is lifted", || async {
         refusal(&sidecar, "echo", echo.clone()).await.is_none()
     })
