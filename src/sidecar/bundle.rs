@@ -13,7 +13,8 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -51,8 +52,12 @@ pub struct Source {
     cache: PathBuf,
     /// Asks the poller to fetch at once: the socket lost messages.
     fetch_now: Notify,
-    /// Held while a bundle is applied, so that a fetched bundle cannot replace a newer pushed one.
-    applying: tokio::sync::Mutex<()>,
+    /// Held while a bundle is applied; holds the last refusal logged, so that a bad bundle is
+    /// logged once however it comes.
+    applying: tokio::sync::Mutex<Option<String>>,
+    /// Bundles pushed so far: a fetch that saw a push arrive while it was on its way is older.
+    /// (Revisions are content hashes and can come back, so they cannot tell.)
+    pushed: AtomicU64,
 }
 
 /// The source `settings` describe; `None` when pulling is turned off.
@@ -88,7 +93,8 @@ pub fn source(settings: &ControlPlane, agent_id: &str) -> Result<Option<Source>,
         interval,
         cache: settings.spool_dir().join(CACHE_FILE),
         fetch_now: Notify::new(),
-        applying: tokio::sync::Mutex::new(()),
+        applying: tokio::sync::Mutex::new(None),
+        pushed: AtomicU64::new(0),
     }))
 }
 
@@ -152,9 +158,9 @@ pub async fn poll(source: Arc<Source>, policies: Arc<Policies>, stop: Cancellati
     let mut problem: Option<String> = None;
     loop {
         // Asked for as of the bundle in force, whichever way it came.
-        let asked = policies.bundle_revision();
-        let etag = asked
-            .as_ref()
+        let pushed = source.pushed.load(Ordering::Acquire);
+        let etag = policies
+            .bundle_revision()
             .and_then(|r| HeaderValue::from_str(&format!("\"{r}\"")).ok());
         match fetch(&source, etag.as_ref()).await {
             Ok(Fetched::Unchanged) => {
@@ -163,10 +169,11 @@ pub async fn poll(source: Arc<Source>, policies: Arc<Policies>, stop: Cancellati
                 }
             }
             Ok(Fetched::Bundle(bundle, raw)) => {
-                let _one = source.applying.lock().await;
+                problem = None;
+                let mut refused = source.applying.lock().await;
                 // A bundle pushed while this one was on its way is newer: it stays.
-                if policies.bundle_revision() == asked {
-                    apply(&source, &policies, bundle, raw, &mut problem).await;
+                if source.pushed.load(Ordering::Acquire) == pushed {
+                    apply(&source, &policies, bundle, raw, &mut refused).await;
                 }
             }
             Err(e) => {
@@ -185,18 +192,18 @@ pub async fn poll(source: Arc<Source>, policies: Arc<Policies>, stop: Cancellati
 }
 
 /// Checks `bundle`, keeps it on disk (`raw`, its bytes) and applies it; or logs why not, once
-/// for a problem that lasts (`problem`, the last one logged).
+/// for a refusal that lasts (`refused`, the last one logged).
 async fn apply(
     source: &Source,
     policies: &Policies,
     bundle: PolicyBundle,
     raw: Bytes,
-    problem: &mut Option<String>,
+    refused: &mut Option<String>,
 ) {
     let revision = bundle.revision.clone();
     match check(bundle) {
         Ok(bundle) => {
-            *problem = None;
+            *refused = None;
             let count = bundle.policies.len();
             keep(&source.cache, raw).await;
             if policies.set_bundle(bundle).await {
@@ -206,11 +213,11 @@ async fn apply(
             }
         }
         Err(e) => {
-            if problem.as_deref() != Some(e.as_str()) {
+            if refused.as_deref() != Some(e.as_str()) {
                 tracing::error!(%revision, error = %e, "policy bundle refused; the last good set stays in force");
                 policies.bundle_refused(format!("bundle {revision}: {e}"));
             }
-            *problem = Some(e);
+            *refused = Some(e);
         }
     }
 }
@@ -221,30 +228,32 @@ pub async fn listen(source: Arc<Source>, policies: Arc<Policies>, stop: Cancella
     let mut backoff = FIRST_BACKOFF;
     // The last reason the socket ended, so that one that lasts is logged once.
     let mut ended: Option<String> = None;
-    let mut problem: Option<String> = None;
     loop {
-        let opened = Instant::now();
-        let reason = tokio::select! {
+        let (reason, served) = tokio::select! {
             _ = stop.cancelled() => return,
-            reason = session(&source, &policies, &mut problem) => reason,
+            ended = session(&source, &policies) => ended,
         };
-        if opened.elapsed() > MAX_BACKOFF {
+        if served {
             backoff = FIRST_BACKOFF;
+            ended = None;
         }
+        // Jitter, so that a fleet does not come back all at once after a control plane restart.
+        let wait = backoff.mul_f64(rand::random_range(0.5..1.0));
         if ended.as_deref() != Some(reason.as_str()) {
-            tracing::warn!(socket = %source.socket, reason = %reason, retry_in_s = backoff.as_secs(), "policy bundles are not pushed; polling goes on");
+            tracing::warn!(reason = %reason, retry_in_ms = wait.as_millis() as u64, "policy bundles are not pushed by the control plane's WebSocket; polling goes on");
         }
         ended = Some(reason);
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(wait) => {}
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-/// One connection to the control plane's WebSocket; returns why it ended.
-async fn session(source: &Source, policies: &Policies, problem: &mut Option<String>) -> String {
+/// One connection to the control plane's WebSocket: why it ended, and whether it delivered
+/// any bundle (then the next failure is news, and the backoff starts over).
+async fn session(source: &Source, policies: &Policies) -> (String, bool) {
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_BUNDLE_BYTES))
         .max_frame_size(Some(MAX_BUNDLE_BYTES));
@@ -252,8 +261,11 @@ async fn session(source: &Source, policies: &Policies, problem: &mut Option<Stri
         tokio_tungstenite::connect_async_with_config(source.socket.as_str(), Some(config), true);
     let mut socket = match tokio::time::timeout(REQUEST_TIMEOUT, connect).await {
         Ok(Ok((socket, _))) => socket,
-        Ok(Err(e)) => return format!("cannot connect: {e}"),
-        Err(_) => return format!("no answer within {} s", REQUEST_TIMEOUT.as_secs()),
+        Ok(Err(e)) => return (format!("cannot connect: {e}"), false),
+        Err(_) => {
+            let reason = format!("no answer within {} s", REQUEST_TIMEOUT.as_secs());
+            return (reason, false);
+        }
     };
     let auth = ClientMessage::Auth {
         token: source.token.clone(),
@@ -261,44 +273,47 @@ async fn session(source: &Source, policies: &Policies, problem: &mut Option<Stri
     };
     let auth = serde_json::to_string(&auth).unwrap_or_default();
     if let Err(e) = socket.send(Message::text(auth)).await {
-        return format!("cannot authenticate: {e}");
+        return (format!("cannot authenticate: {e}"), false);
     }
-    let mut announced = false;
+    let mut served = false;
     loop {
         let message = match tokio::time::timeout(SOCKET_SILENCE, socket.next()).await {
-            Err(_) => return format!("nothing heard for {} s", SOCKET_SILENCE.as_secs()),
-            Ok(None) => return "the control plane closed the connection".into(),
-            Ok(Some(Err(e))) => return format!("the connection broke off: {e}"),
+            Err(_) => {
+                let reason = format!("nothing heard for {} s", SOCKET_SILENCE.as_secs());
+                return (reason, served);
+            }
+            Ok(None) => return ("the control plane closed the connection".into(), served),
+            Ok(Some(Err(e))) => return (format!("the connection broke off: {e}"), served),
             Ok(Some(Ok(message))) => message,
         };
         let text = match message {
             Message::Text(text) => text,
             Message::Close(frame) => {
-                return match frame {
+                let reason = match frame {
                     Some(f) => format!("closed by the control plane ({}): {}", f.code, f.reason),
                     None => "closed by the control plane".into(),
                 };
+                return (reason, served);
             }
             // Pings are answered by the library as it reads.
             _ => continue,
         };
         match serde_json::from_str::<ServerMessage>(text.as_str()) {
             Ok(ServerMessage::PolicyBundle(bundle)) => {
-                if !announced {
-                    announced = true;
-                    tracing::info!(socket = %source.socket, "policy bundles are pushed as they change");
+                if !served {
+                    served = true;
+                    tracing::info!("policy bundles are pushed by the control plane as they change");
                 }
+                let mut refused = source.applying.lock().await;
+                source.pushed.fetch_add(1, Ordering::AcqRel);
                 // The bundle in force comes first on every connection: nothing to do.
-                if policies.bundle_revision().as_deref() == Some(bundle.revision.as_str())
-                    && problem.is_none()
-                {
+                if policies.bundle_revision().as_deref() == Some(bundle.revision.as_str()) {
                     continue;
                 }
                 let raw = serde_json::to_vec(&bundle)
                     .map(Bytes::from)
                     .unwrap_or_default();
-                let _one = source.applying.lock().await;
-                apply(source, policies, bundle, raw, problem).await;
+                apply(source, policies, bundle, raw, &mut refused).await;
             }
             // Messages were dropped, a bundle among them perhaps: fetch it.
             Ok(ServerMessage::Lagged { .. }) => source.fetch_now.notify_one(),

@@ -61,8 +61,9 @@ pub fn block_on<E: std::fmt::Display>(
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // tokio reads `TOKIO_WORKER_THREADS` too, and panics on a value that is not a plain
     // positive number; the sidecar reads it leniently, and warns, instead.
-    if let Ok(value) = std::env::var("TOKIO_WORKER_THREADS") {
-        builder.worker_threads(super::thread_count(&value).unwrap_or_else(super::cpus));
+    if let Some(value) = std::env::var_os("TOKIO_WORKER_THREADS") {
+        let threads = value.to_str().and_then(super::thread_count);
+        builder.worker_threads(threads.unwrap_or_else(super::cpus));
     }
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,

@@ -63,19 +63,6 @@ pub enum Refusal {
     Upstream(UpstreamFailed),
 }
 
-impl Refusal {
-    /// Whether the tool was never reached because of it (a policy or the sidecar refused).
-    pub fn blocked(&self) -> bool {
-        matches!(
-            self,
-            Refusal::Policy(PolicyDenied { output: false, .. })
-                | Refusal::FailClosed(_)
-                | Refusal::Unjudgeable(_)
-                | Refusal::SlowClient(_)
-        )
-    }
-}
-
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -195,7 +195,12 @@ pub async fn run(
         admin = %admin.local_addr()?,
         "sidecar serving"
     );
-    let workers = worker_threads(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref());
+    let configured = std::env::var_os("TOKIO_WORKER_THREADS");
+    let workers = worker_threads(
+        configured
+            .map(|v| v.to_string_lossy().into_owned())
+            .as_deref(),
+    );
     let tools = tokio::spawn(serve::serve_on_workers(
         listener,
         tool_listener(shared.clone()),

@@ -150,8 +150,8 @@ fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> std:
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     // tokio reads `TOKIO_WORKER_THREADS` itself, and panics on a value that is not a plain
     // positive number; it is read leniently here instead.
-    if let Ok(value) = std::env::var("TOKIO_WORKER_THREADS") {
-        let threads = match value.trim().parse::<usize>() {
+    if let Some(value) = std::env::var_os("TOKIO_WORKER_THREADS") {
+        let threads = match value.to_string_lossy().trim().parse::<usize>() {
             Ok(n) if n > 0 => n,
             _ => {
                 eprintln!(
