@@ -177,6 +177,12 @@ async fn a_bundle_change_is_pushed_at_once_not_at_the_next_poll() {
             .is_some_and(|t| t.contains("policy `central`"))
     })
     .await;
+    let (_, metrics) = sidecar.admin_get("/metrics").await;
+    assert_eq!(
+        metric(&metrics, "perfecx_policy_bundle_socket_connected"),
+        Some(1.0),
+        "{metrics}"
+    );
     // Kept on disk like a polled one, for a restart without the control plane.
     let kept = std::fs::read_to_string(spool.join("policy-bundle.json")).unwrap();
     assert!(kept.contains(&policy_id), "{kept}");
@@ -187,7 +193,13 @@ async fn a_bundle_change_is_pushed_at_once_not_at_the_next_poll() {
     })
     .await;
 
+    // The control plane gone, the sidecar says so.
+    cp.stop().await;
+    eventually("the socket is reported down", || async {
+        let (_, metrics) = sidecar.admin_get("/metrics").await;
+        metric(&metrics, "perfecx_policy_bundle_socket_connected") == Some(0.0)
+    })
+    .await;
     sidecar.stop().await;
     mcp_ct.cancel();
-    cp.stop().await;
 }

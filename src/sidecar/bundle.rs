@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
 use super::config::ControlPlane;
+use super::metrics::Metrics;
 use super::policies::{Bundle, BundledPolicy, Policies};
 use super::upstream::{HttpClient, describe_client_error, http_client};
 
@@ -224,15 +225,21 @@ async fn apply(
 
 /// Takes the bundles the control plane pushes over its WebSocket until `stop`, connecting
 /// again with backoff when the socket fails or closes (polling goes on meanwhile).
-pub async fn listen(source: Arc<Source>, policies: Arc<Policies>, stop: CancellationToken) {
+pub async fn listen(
+    source: Arc<Source>,
+    policies: Arc<Policies>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     let mut backoff = FIRST_BACKOFF;
     // The last reason the socket ended, so that one that lasts is logged once.
     let mut ended: Option<String> = None;
     loop {
         let (reason, served) = tokio::select! {
             _ = stop.cancelled() => return,
-            ended = session(&source, &policies) => ended,
+            ended = session(&source, &policies, &metrics) => ended,
         };
+        metrics.bundle_socket.set(0);
         if served {
             backoff = FIRST_BACKOFF;
             ended = None;
@@ -253,7 +260,7 @@ pub async fn listen(source: Arc<Source>, policies: Arc<Policies>, stop: Cancella
 
 /// One connection to the control plane's WebSocket: why it ended, and whether it delivered
 /// any bundle (then the next failure is news, and the backoff starts over).
-async fn session(source: &Source, policies: &Policies) -> (String, bool) {
+async fn session(source: &Source, policies: &Policies, metrics: &Metrics) -> (String, bool) {
     let config = WebSocketConfig::default()
         .max_message_size(Some(MAX_BUNDLE_BYTES))
         .max_frame_size(Some(MAX_BUNDLE_BYTES));
@@ -302,6 +309,7 @@ async fn session(source: &Source, policies: &Policies) -> (String, bool) {
             Ok(ServerMessage::PolicyBundle(bundle)) => {
                 if !served {
                     served = true;
+                    metrics.bundle_socket.set(1);
                     tracing::info!("policy bundles are pushed by the control plane as they change");
                 }
                 let mut refused = source.applying.lock().await;

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub event_queue_depth: IntGauge,
     /// Bytes in the spool.
     pub event_spool_bytes: IntGauge,
+    /// 1 while the control plane's WebSocket pushes policy bundles, 0 while only polling can.
+    pub bundle_socket: IntGauge,
 }
 
 impl Metrics {
@@ -133,6 +135,11 @@ impl Metrics {
         let event_spool_bytes =
             IntGauge::new("perfecx_event_spool_bytes", "Bytes of events in the spool")
                 .expect("valid metric");
+        let bundle_socket = IntGauge::new(
+            "perfecx_policy_bundle_socket_connected",
+            "1 while the control plane's WebSocket pushes policy bundles, 0 while only polling can",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(tool_calls.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(tool_call_errors.clone()),
@@ -146,6 +153,7 @@ impl Metrics {
             Box::new(events_dropped.clone()),
             Box::new(event_queue_depth.clone()),
             Box::new(event_spool_bytes.clone()),
+            Box::new(bundle_socket.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -163,6 +171,7 @@ impl Metrics {
             events_dropped,
             event_queue_depth,
             event_spool_bytes,
+            bundle_socket,
         }
     }
 

@@ -175,6 +175,7 @@ pub async fn run(
         tasks.push(tokio::spawn(bundle::listen(
             source.clone(),
             policies.clone(),
+            shared.metrics.clone(),
             stop.clone(),
         )));
         tasks.push(tokio::spawn(bundle::poll(

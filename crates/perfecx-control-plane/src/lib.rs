@@ -96,6 +96,12 @@ pub async fn run(
     let detecting = tokio::spawn(detection.run(state.clone(), config.detection.clone()));
     let pruner = tokio::spawn(retention::run(store.clone(), config.retention.clone()));
     tracing::info!(%address, "control plane listening");
+    // Upgraded connections are not drained by axum: the sockets close themselves, with 1001.
+    let sockets = state.clone();
+    let shutdown = async move {
+        shutdown.await;
+        sockets.close_sockets();
+    };
     let served = axum::serve(listener, app(state))
         .with_graceful_shutdown(shutdown)
         .await;

@@ -25,6 +25,8 @@ struct Inner {
     websocket: WebSocketSettings,
     /// `ws://host:port` or `wss://...`, the base of each agent's monitoring endpoint.
     monitoring_base: String,
+    /// Becomes true when the server shuts down: WebSocket clients are told to go elsewhere.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 /// What [`AppState::new`] is made of.
@@ -49,7 +51,20 @@ impl AppState {
             relay: parts.relay,
             websocket: parts.websocket,
             monitoring_base: parts.monitoring_base,
+            closing: tokio::sync::watch::Sender::new(false),
         }))
+    }
+
+    /// Tells every WebSocket client that the server is shutting down.
+    pub fn close_sockets(&self) {
+        self.0.closing.send_replace(true);
+    }
+
+    /// Resolves once the server is shutting down.
+    pub async fn closing(&self) {
+        let mut closing = self.0.closing.subscribe();
+        // An error means the state is gone: shutting down all the same.
+        let _ = closing.wait_for(|c| *c).await;
     }
 
     pub fn store(&self) -> &Store {

@@ -180,7 +180,12 @@ async fn socket_sends_only_the_types_subscribed_to(db: TestDb) {
     let (code, reason) = ws::closed(&mut refused).await.unwrap_or_default();
     assert_eq!(code, POLICY);
     assert!(reason.contains("unknown variant `gossip`"), "{reason}");
+    // Shutting the server down closes the socket, so that a client goes elsewhere at once.
     server.stop().await;
+    assert_eq!(
+        ws::closed(&mut socket).await,
+        Some((1001, "the control plane is shutting down".into()))
+    );
 }
 
 async fn socket_sends_metrics_updates_and_pings(db: TestDb) {

@@ -13,7 +13,8 @@
 //!   pong, for three intervals is dropped.
 //! - A client too slow to read loses its oldest messages beyond `buffer` (256) and is then
 //!   sent `{"type": "lagged", "data": {"dropped": N}}`; nobody else waits for it.
-//! - Deleting the agent closes its sockets (code 1000).
+//! - Deleting the agent closes its sockets (code 1000); shutting the server down closes every
+//!   socket (code 1001), so that clients go to another replica at once.
 
 use std::time::Duration;
 
@@ -165,6 +166,9 @@ async fn serve(state: AppState, agent_id: String, mut socket: WebSocket) {
                 if socket.send(Message::Ping(Default::default())).await.is_err() {
                     return;
                 }
+            }
+            () = state.closing() => {
+                return close(socket, close_code::AWAY, "the control plane is shutting down").await;
             }
             incoming = socket.recv() => match incoming {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
