@@ -58,14 +58,7 @@ pub fn main(args: SidecarArgs) -> ExitCode {
 pub fn block_on<E: std::fmt::Display>(
     work: impl std::future::Future<Output = Result<(), E>>,
 ) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // tokio reads `TOKIO_WORKER_THREADS` too, and panics on a value that is not a plain
-    // positive number; the sidecar reads it leniently, and warns, instead.
-    if let Some(value) = std::env::var_os("TOKIO_WORKER_THREADS") {
-        let threads = value.to_str().and_then(super::thread_count);
-        builder.worker_threads(threads.unwrap_or_else(super::cpus));
-    }
-    let runtime = match builder.enable_all().build() {
+    let runtime = match perfecx_control_plane::cli::runtime() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -196,12 +196,9 @@ pub async fn run(
         admin = %admin.local_addr()?,
         "sidecar serving"
     );
-    let configured = std::env::var_os("TOKIO_WORKER_THREADS");
-    let workers = worker_threads(
-        configured
-            .map(|v| v.to_string_lossy().into_owned())
-            .as_deref(),
-    );
+    // As many threads for tool traffic as the runtime has workers: one per CPU, or
+    // `TOKIO_WORKER_THREADS` (read where the runtime is built).
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
     let tools = tokio::spawn(serve::serve_on_workers(
         listener,
         tool_listener(shared.clone()),
@@ -226,31 +223,6 @@ pub async fn run(
         reporting.shutdown().await;
     }
     Ok(())
-}
-
-/// How many threads serve tool traffic: `TOKIO_WORKER_THREADS` (tokio's own knob for its worker
-/// count) when it is a positive number, else one per CPU the process may use.
-fn worker_threads(configured: Option<&str>) -> usize {
-    if let Some(value) = configured {
-        match thread_count(value) {
-            Some(n) => return n,
-            None => tracing::warn!(
-                value,
-                "TOKIO_WORKER_THREADS is not a positive number; using one thread per CPU"
-            ),
-        }
-    }
-    cpus()
-}
-
-/// `value` as a thread count, if it is one.
-pub(crate) fn thread_count(value: &str) -> Option<usize> {
-    value.trim().parse().ok().filter(|&n| n > 0)
-}
-
-/// The CPUs this process may use.
-pub(crate) fn cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// The tool listener's service. A plain HTTP tool call of the usual shape goes straight to its
@@ -380,17 +352,7 @@ fn raw_rest(path: &str) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::{Method, plain_tool_name, raw_rest, worker_threads};
-
-    #[test]
-    fn worker_threads_come_from_tokio_worker_threads_or_the_cpus() {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(worker_threads(Some("3")), 3);
-        assert_eq!(worker_threads(Some(" 1 ")), 1);
-        assert_eq!(worker_threads(None), cpus);
-        assert_eq!(worker_threads(Some("0")), cpus);
-        assert_eq!(worker_threads(Some("many")), cpus);
-    }
+    use super::{Method, plain_tool_name, raw_rest};
 
     #[test]
     fn the_rest_of_a_tool_path_stays_encoded() {

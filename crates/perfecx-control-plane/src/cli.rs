@@ -147,23 +147,7 @@ pub fn keys_main(command: KeysCommand) -> std::process::ExitCode {
 }
 
 fn block_on(work: impl std::future::Future<Output = anyhow::Result<()>>) -> std::process::ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    // tokio reads `TOKIO_WORKER_THREADS` itself, and panics on a value that is not a plain
-    // positive number; it is read leniently here instead.
-    if let Some(value) = std::env::var_os("TOKIO_WORKER_THREADS") {
-        let threads = match value.to_string_lossy().trim().parse::<usize>() {
-            Ok(n) if n > 0 => n,
-            _ => {
-                eprintln!(
-                    "perfecx: TOKIO_WORKER_THREADS={value:?} is not a positive number; using one thread per CPU"
-                );
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            }
-        };
-        builder.worker_threads(threads);
-    }
-    let runtime = builder.enable_all().build();
-    let result = match runtime {
+    let result = match runtime() {
         Ok(runtime) => runtime.block_on(work),
         Err(e) => Err(anyhow::anyhow!("cannot start the async runtime: {e}")),
     };
@@ -213,6 +197,28 @@ fn parse_scope(text: &str) -> Result<Scope, String> {
 }
 
 /// `30s`, `5m`, `12h`, `30d`, or plain seconds.
+/// The multi-threaded runtime every `perfecx` command runs on. tokio would read
+/// `TOKIO_WORKER_THREADS` itself and panic on anything but a plain positive number; it is read
+/// leniently here instead, and a value that is no thread count gives one thread per CPU and a
+/// warning.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(value) = std::env::var_os("TOKIO_WORKER_THREADS") {
+        let threads = thread_count(&value.to_string_lossy()).unwrap_or_else(|| {
+            eprintln!(
+                "perfecx: TOKIO_WORKER_THREADS is not a positive number ({value:?}); using one thread per CPU"
+            );
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        });
+        builder.worker_threads(threads);
+    }
+    builder.enable_all().build()
+}
+
+fn thread_count(value: &str) -> Option<usize> {
+    value.trim().parse().ok().filter(|&n| n > 0)
+}
+
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
     let (number, unit) = text.split_at(
@@ -262,6 +268,14 @@ pub fn parse_limit(text: &str) -> Result<Limit, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_counts_are_read_leniently() {
+        assert_eq!(thread_count("3"), Some(3));
+        assert_eq!(thread_count(" 1 "), Some(1));
+        assert_eq!(thread_count("0"), None);
+        assert_eq!(thread_count("many"), None);
+    }
 
     /// The arguments as the `perfecx` binary will mount them.
     #[derive(Debug, clap::Parser)]
