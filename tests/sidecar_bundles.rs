@@ -76,7 +76,7 @@ async fn the_agents_bundle_is_enforced_with_the_files_and_kept_across_a_restart(
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("cp.db");
     let spool = dir.path().join("spool");
-    let cp = ControlPlane::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), &db).await;
+    let cp = ControlPlane::start_on_free_port(&db).await;
     let (addr, base) = (cp.addr, cp.base.clone());
     let token = cp.register(AGENT).await;
     let policy_id = apply_to_agent(&cp, forbidding("echo")).await;
@@ -157,11 +157,7 @@ async fn the_agents_bundle_is_enforced_with_the_files_and_kept_across_a_restart(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bundle_change_is_pushed_at_once_not_at_the_next_poll() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        &dir.path().join("cp.db"),
-    )
-    .await;
+    let cp = ControlPlane::start_on_free_port(&dir.path().join("cp.db")).await;
     let token = cp.register(AGENT).await;
     let (mcp_url, mcp_ct) = mcp_server(true).await;
     // The next poll is ten minutes away: only a push can deliver a change within the test.

@@ -145,11 +145,7 @@ fn execution<'a>(events: &'a [StoredEvent], tool: &str, input_has: &str) -> &'a 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn executions_and_violations_are_stored_once_without_sensitive_data() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        &dir.path().join("cp.db"),
-    )
-    .await;
+    let cp = ControlPlane::start_on_free_port(&dir.path().join("cp.db")).await;
     let token = cp.register(AGENT).await;
     let (mcp_url, mcp_ct) = mcp_server(true).await;
     let (http_url, http_ct) = http_tool().await;
@@ -352,7 +348,7 @@ async fn events_spool_while_the_control_plane_is_down_and_arrive_once_when_it_is
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("cp.db");
     // Register, then take the control plane down: its port is closed from now on.
-    let cp = ControlPlane::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), &db).await;
+    let cp = ControlPlane::start_on_free_port(&db).await;
     let (addr, base) = (cp.addr, cp.base.clone());
     let token = cp.register(AGENT).await;
     cp.stop().await;
@@ -477,11 +473,7 @@ fn the_sidecar_refuses_to_start_without_its_token_and_names_the_variable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_cannot_be_delivered_is_counted_not_retried_for_ever() {
     let dir = tempfile::tempdir().unwrap();
-    let cp = ControlPlane::start(
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        &dir.path().join("cp.db"),
-    )
-    .await;
+    let cp = ControlPlane::start_on_free_port(&dir.path().join("cp.db")).await;
     cp.register(AGENT).await;
     let (mcp_url, mcp_ct) = mcp_server(true).await;
     let upstreams = format!("  - name: tools\n    mcp_url: {mcp_url}\n");

@@ -20,6 +20,11 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
+    /// A control plane on a free port of 127.0.0.1, storing into `db`.
+    pub async fn start_on_free_port(db: &Path) -> ControlPlane {
+        ControlPlane::start(TcpListener::bind("127.0.0.1:0").await.unwrap(), db).await
+    }
+
     /// Serves on `listener` over the SQLite file `db` (created if missing), with [`ADMIN_KEY`].
     pub async fn start(listener: TcpListener, db: &Path) -> ControlPlane {
         let addr = listener.local_addr().unwrap();
