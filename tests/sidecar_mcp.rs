@@ -368,14 +368,25 @@ async fn no_call_fails_while_policies_reload() {
 /// Posts one JSON-RPC message as an agent that takes JSON or an event stream; returns the
 /// answer's content type and body.
 async fn post_mcp(url: &str, msg: serde_json::Value) -> (String, String) {
-    let res = reqwest::Client::new()
+    post_mcp_in(url, None, msg).await
+}
+
+/// Posts one JSON-RPC message, in `session` if given, as an agent that takes JSON or an event
+/// stream; returns the answer (its body unread).
+async fn send_mcp(url: &str, session: Option<&str>, msg: serde_json::Value) -> reqwest::Response {
+    let mut req = reqwest::Client::new()
         .post(url)
         .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(msg.to_string())
-        .send()
-        .await
-        .unwrap();
+        .header("accept", "application/json, text/event-stream");
+    if let Some(session) = session {
+        req = req.header("mcp-session-id", session);
+    }
+    req.body(msg.to_string()).send().await.unwrap()
+}
+
+/// [`post_mcp`] in `session`.
+async fn post_mcp_in(url: &str, session: Option<&str>, msg: serde_json::Value) -> (String, String) {
+    let res = send_mcp(url, session, msg).await;
     let ty = res
         .headers()
         .get("content-type")
@@ -489,4 +500,99 @@ async fn a_cancellation_reaches_only_the_request_it_names() {
 
 async fn post_mcp_owned(url: String, msg: serde_json::Value) -> (String, String) {
     post_mcp(&url, msg).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_in_different_sessions_cancel_only_their_own_requests() {
+    let (sidecar, url) = initialized_stdio_sidecar().await;
+    // Each agent gets a session id of its own from `initialize`.
+    let mut sessions = Vec::new();
+    for name in ["a", "b"] {
+        let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": name, "version": "1"}}});
+        let res = send_mcp(&url, None, init).await;
+        let id = res.headers().get("mcp-session-id").expect("a session id");
+        sessions.push(id.to_str().unwrap().to_owned());
+    }
+    assert_ne!(sessions[0], sessions[1]);
+
+    // Both agents have a request 9 in flight; the first cancels its own.
+    let slow = |session: String| {
+        let msg = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
+            "name": "slow", "arguments": {"ms": 1500}}});
+        let url = url.clone();
+        tokio::spawn(async move { post_mcp_in(&url, Some(&session), msg).await })
+    };
+    let (a, b) = (slow(sessions[0].clone()), slow(sessions[1].clone()));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+        "params": {"requestId": 9}});
+    post_mcp_in(&url, Some(&sessions[0]), cancel).await;
+    let (_, b) = tokio::time::timeout(PATIENCE, b).await.unwrap().unwrap();
+    assert!(b.contains("\"done\""), "{b}");
+    if let Ok(a) = tokio::time::timeout(std::time::Duration::from_millis(3000), a).await {
+        let (_, a) = a.unwrap();
+        assert!(!a.contains("\"done\""), "{a}");
+    }
+
+    // Ending a session is accepted; the process carries on for the other.
+    let res = reqwest::Client::new()
+        .delete(&url)
+        .header("mcp-session-id", &sessions[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    let add = json!({"jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {
+        "name": "add", "arguments": {"a": 1, "b": 2}}});
+    let (_, body) = post_mcp_in(&url, Some(&sessions[1]), add).await;
+    assert!(body.contains("\"3\""), "{body}");
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_servers_own_messages_reach_the_agent_whose_call_waits() {
+    let (sidecar, url) = initialized_stdio_sidecar().await;
+    // The server logs and asks for the roots while the call runs: both come on the stream that
+    // answers the call, and the agent's answer to the question reaches the server.
+    let call = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {
+        "name": "roots", "arguments": {}}});
+    let mut res = tokio::time::timeout(PATIENCE, send_mcp(&url, None, call))
+        .await
+        .expect("the answer to the call begins while it runs");
+    let ty = res.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ty.starts_with("text/event-stream"), "{ty}");
+    let mut body = String::new();
+    let question = loop {
+        let chunk = tokio::time::timeout(PATIENCE, res.chunk())
+            .await
+            .expect("the server's question comes")
+            .unwrap()
+            .expect("the stream is still open");
+        body.push_str(std::str::from_utf8(&chunk).unwrap());
+        if let Some(q) = stream_messages(&body)
+            .into_iter()
+            .find(|m| m["method"] == "roots/list")
+        {
+            break q;
+        }
+    };
+    let log = &stream_messages(&body)[0];
+    assert_eq!(log["method"], "notifications/message", "{body}");
+    assert_eq!(log["params"]["data"], "asking for roots", "{body}");
+
+    let reply = json!({"jsonrpc": "2.0", "id": question["id"], "result": {
+        "roots": [{"uri": "file:///srv", "name": "srv"}]}});
+    let (_, accepted) = post_mcp(&url, reply).await;
+    assert_eq!(accepted, "");
+    let rest = tokio::time::timeout(PATIENCE, res.text())
+        .await
+        .expect("the call is answered")
+        .unwrap();
+    let msgs = stream_messages(&rest);
+    let last = msgs.last().expect("the answer");
+    assert_eq!(last["id"], 5, "{rest}");
+    assert_eq!(last["result"]["content"][0]["text"], "1 roots", "{rest}");
+    sidecar.stop().await;
 }

@@ -7,8 +7,19 @@
 //! session carries on. Request ids are renumbered so that several agent connections can share
 //! the one process, and so are progress tokens: a request's progress notifications go to the
 //! agent that sent it, on the event stream that answers its POST.
+//!
+//! The process's own messages (logging, `roots/list`, elicitation) carry nothing that says which
+//! request they belong to. While exactly one POST waits for answers, they go on its event stream,
+//! as an MCP server over HTTP would send them; otherwise to every GET stream. A POST is answered
+//! with plain JSON unless such a message, or progress, comes before its answers.
+//!
+//! `initialize` gets an `Mcp-Session-Id`, without which some clients (the Python SDK's) open no
+//! GET stream. The process is shared, so a session holds no state of its own; its id only tells
+//! apart two agents' requests that have the same id, when one of them is cancelled.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,7 +27,7 @@ use std::time::{Duration, Instant};
 use axum::body::Body;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, header};
 use perfecx_policy::Enforcement;
 use serde_json::{Map, Value};
 use tokio::io::AsyncWriteExt;
@@ -43,6 +54,8 @@ type PendingMap = Mutex<HashMap<u64, oneshot::Sender<Map<String, Value>>>>;
 /// id): the agent's own token, and where its notifications go.
 type ProgressMap = Mutex<HashMap<u64, (Value, mpsc::Sender<String>)>>;
 
+const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+
 /// Progress notifications one POST may have waiting before the oldest are dropped.
 const PROGRESS_BUFFER: usize = 64;
 
@@ -51,8 +64,12 @@ struct Conn {
     stdin: mpsc::Sender<String>,
     pending: PendingMap,
     progress: ProgressMap,
-    /// The agent's id of each request in flight, by its internal id, for cancellations.
-    agent_ids: Mutex<HashMap<u64, Value>>,
+    /// The session and the agent's id of each request in flight, by its internal id, for
+    /// cancellations.
+    agent_ids: Mutex<HashMap<u64, (Option<String>, Value)>>,
+    /// The POSTs waiting for answers that take an event stream, by the internal id of their
+    /// first request: where the process's own messages go while exactly one waits.
+    streams: Mutex<HashMap<u64, mpsc::Sender<String>>>,
 }
 
 struct InitCache {
@@ -113,11 +130,13 @@ impl StdioServer {
         match method {
             Method::POST => self.post(headers, body).await,
             Method::GET => Ok(self.event_stream()),
+            // A session holds nothing to end: the process is shared and keeps running.
+            Method::DELETE => Ok(Response::new(Body::empty())),
             _ => {
                 let mut res = Response::new(Body::empty());
                 *res.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
                 res.headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("POST, GET"));
+                    .insert(header::ALLOW, HeaderValue::from_static("POST, GET, DELETE"));
                 Ok(res)
             }
         }
@@ -130,16 +149,22 @@ impl StdioServer {
     ) -> Result<Response<Body>, UpstreamFailed> {
         let parsed = jsonrpc::parse_body(&body).map_err(|m| self.failed(m.0))?;
         let conn = self.connection().await?;
+        let session = headers
+            .get(MCP_SESSION_ID)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let mut waits = Vec::new();
         let mut answers: Vec<String> = Vec::new();
         let mut guard = PendingGuard {
             conn: conn.clone(),
             ids: Vec::new(),
+            stream: None,
         };
-        // Progress can only reach an agent that accepts an event stream as the answer.
-        let (progress_tx, progress_rx) = mpsc::channel(PROGRESS_BUFFER);
-        let progress_tx = accepts_event_stream(headers).then_some(progress_tx);
-        let mut wants_progress = false;
+        // Progress and the process's own messages can only reach an agent that accepts an
+        // event stream as the answer.
+        let (stream_tx, stream_rx) = mpsc::channel(PROGRESS_BUFFER);
+        let stream_tx = accepts_event_stream(headers).then_some(stream_tx);
+        let mut initialize = false;
         for raw in &parsed.messages {
             let Ok(mut msg) = serde_json::from_str::<Map<String, Value>>(raw.get()) else {
                 answers.push(jsonrpc::error_message(
@@ -153,26 +178,30 @@ impl StdioServer {
             let id = msg.get("id").cloned();
             match (method.as_deref(), id) {
                 (Some("initialize"), Some(id)) => {
+                    initialize = true;
                     let cached = self.lock_init().as_ref().map(|c| c.result.clone());
                     if let Some(result) = cached {
                         answers.push(jsonrpc::result_message(&id.to_string(), &result));
                         continue;
                     }
                     let params = msg.get("params").cloned().unwrap_or(Value::Null);
-                    let (rx, _) = self.forward(&conn, &mut guard, &mut msg, None).await?;
+                    let rx = self
+                        .forward(&conn, &mut guard, &mut msg, None, None)
+                        .await?;
                     waits.push((id, rx, Some(params)));
                 }
                 (Some(_), Some(id)) => {
-                    let progress = progress_tx.as_ref();
-                    let (rx, asked) = self.forward(&conn, &mut guard, &mut msg, progress).await?;
-                    wants_progress |= asked;
+                    let (progress, session) = (stream_tx.as_ref(), session.clone());
+                    let rx = self
+                        .forward(&conn, &mut guard, &mut msg, progress, session)
+                        .await?;
                     waits.push((id, rx, None));
                 }
                 (Some("notifications/initialized"), None) if self.lock_init().is_some() => {
                     // The process was initialized already (by this or another agent).
                 }
                 (Some("notifications/cancelled"), None)
-                    if !retarget_cancellation(&conn, &mut msg) =>
+                    if !retarget_cancellation(&conn, &mut msg, session.as_deref()) =>
                 {
                     // Not one request in flight by that id: forwarded as it is, it could stop
                     // another agent's request that has it as its internal id.
@@ -187,114 +216,99 @@ impl StdioServer {
                 }
             }
         }
-        drop(progress_tx);
-        if wants_progress {
-            return Ok(self.event_stream_answer(guard, waits, answers, progress_rx));
+        let mut res = self
+            .answer_post(guard, waits, answers, parsed.batch, stream_tx, stream_rx)
+            .await;
+        if initialize && res.status() == StatusCode::OK {
+            let id = uuid::Uuid::new_v4().simple().to_string();
+            if let Ok(id) = HeaderValue::from_str(&id) {
+                res.headers_mut().insert(MCP_SESSION_ID, id);
+            }
         }
-        for (id, rx, init_params) in waits {
-            answers.push(answer(&self.name, &self.init, id, rx, init_params).await);
-        }
+        Ok(res)
+    }
+
+    /// Answers a POST once its requests are written: with plain JSON when the answers come
+    /// first, with an event stream when progress or a message of the process's own comes first.
+    async fn answer_post(
+        &self,
+        mut guard: PendingGuard,
+        waits: Vec<Wait>,
+        answered: Vec<String>,
+        batch: bool,
+        stream_tx: Option<mpsc::Sender<String>>,
+        mut stream_rx: mpsc::Receiver<String>,
+    ) -> Response<Body> {
+        let listening = match (stream_tx, guard.ids.first()) {
+            (Some(tx), Some(&first)) if !waits.is_empty() => {
+                lock(&guard.conn.streams).insert(first, tx);
+                guard.stream = Some(first);
+                true
+            }
+            _ => false,
+        };
+        let (name, init) = (self.name.clone(), self.init.clone());
+        let mut answers = Box::pin(async move {
+            let mut all = answered;
+            for (id, rx, init_params) in waits {
+                all.push(answer(&name, &init, id, rx, init_params).await);
+            }
+            all
+        });
+        let first = if listening {
+            tokio::select! {
+                // A message the process wrote before its answers is read first.
+                biased;
+                Some(first) = stream_rx.recv() => Err(first),
+                all = &mut answers => Ok(all),
+            }
+        } else {
+            Ok(answers.as_mut().await)
+        };
+        let answers = match first {
+            Ok(all) => all,
+            Err(first) => return event_stream_answer(guard, answers, first, stream_rx),
+        };
         drop(guard);
+        // Whatever slipped in after the answers still reaches the agent, on its GET stream.
+        while let Ok(late) = stream_rx.try_recv() {
+            let _ = self.events.send(late);
+        }
         if answers.is_empty() {
             let mut res = Response::new(Body::empty());
             *res.status_mut() = StatusCode::ACCEPTED;
-            return Ok(res);
+            return res;
         }
-        Ok(rescue::json_response(
-            StatusCode::OK,
-            jsonrpc::join(&answers, parsed.batch),
-        ))
+        rescue::json_response(StatusCode::OK, jsonrpc::join(&answers, batch))
     }
 
     /// Renumbers a request (and its progress token, when there is somewhere to send its
-    /// progress), registers it and writes it to the process. Says whether it asked for progress.
+    /// progress), registers it and writes it to the process.
     async fn forward(
         &self,
         conn: &Conn,
         guard: &mut PendingGuard,
         msg: &mut Map<String, Value>,
         progress: Option<&mpsc::Sender<String>>,
-    ) -> Result<(oneshot::Receiver<Map<String, Value>>, bool), UpstreamFailed> {
+        session: Option<String>,
+    ) -> Result<oneshot::Receiver<Map<String, Value>>, UpstreamFailed> {
         let internal = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Some(agent_id) = msg.insert("id".into(), Value::from(internal)) {
-            lock(&conn.agent_ids).insert(internal, agent_id);
+            lock(&conn.agent_ids).insert(internal, (session, agent_id));
         }
         let (tx, rx) = oneshot::channel();
         lock(&conn.pending).insert(internal, tx);
         guard.ids.push(internal);
-        let mut asked = false;
         if let Some(progress) = progress {
             if let Some(token) = swap_progress_token(msg, internal) {
                 lock(&conn.progress).insert(internal, (token, progress.clone()));
-                asked = true;
             }
         }
         conn.stdin
             .send(Value::Object(std::mem::take(msg)).to_string())
             .await
             .map_err(|_| self.failed("the tool process exited"))?;
-        Ok((rx, asked))
-    }
-
-    /// Answers a POST whose requests asked for progress as an event stream: their progress
-    /// notifications as they come, then the answers. The agent hanging up forgets the requests.
-    fn event_stream_answer(
-        &self,
-        guard: PendingGuard,
-        waits: Vec<Wait>,
-        answered: Vec<String>,
-        mut progress: mpsc::Receiver<String>,
-    ) -> Response<Body> {
-        let (out, rx) = mpsc::channel::<Bytes>(PROGRESS_BUFFER);
-        let (name, init) = (self.name.clone(), self.init.clone());
-        tokio::spawn(async move {
-            let _guard = guard;
-            let answers = async {
-                let mut all = answered;
-                for (id, rx, init_params) in waits {
-                    all.push(answer(&name, &init, id, rx, init_params).await);
-                }
-                all
-            };
-            tokio::pin!(answers);
-            let answers = loop {
-                tokio::select! {
-                    biased;
-                    Some(note) = progress.recv() => {
-                        if out.send(Bytes::from(sse::message_event(&note))).await.is_err() {
-                            return;
-                        }
-                    }
-                    all = &mut answers => break all,
-                    _ = out.closed() => return,
-                }
-            };
-            // Progress written before the answer may still be queued.
-            while let Ok(note) = progress.try_recv() {
-                if out
-                    .send(Bytes::from(sse::message_event(&note)))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            for a in answers {
-                if out.send(Bytes::from(sse::message_event(&a))).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-            let chunk = rx.recv().await?;
-            Some((Ok::<_, std::convert::Infallible>(chunk), rx))
-        });
-        let mut res = Response::new(Body::from_stream(stream));
-        res.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        res
+        Ok(rx)
     }
 
     /// The running process, waiting a while for one that is (re)starting.
@@ -338,6 +352,57 @@ impl StdioServer {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Answers a POST with an event stream: `first`, then the messages for it as they come, then
+/// the answers. The agent hanging up forgets the requests.
+fn event_stream_answer(
+    guard: PendingGuard,
+    mut answers: Pin<Box<impl Future<Output = Vec<String>> + Send + 'static>>,
+    first: String,
+    mut messages: mpsc::Receiver<String>,
+) -> Response<Body> {
+    let (out, rx) = mpsc::channel::<Bytes>(PROGRESS_BUFFER);
+    let event = |m: &str| Bytes::from(sse::message_event(m));
+    tokio::spawn(async move {
+        let _guard = guard;
+        if out.send(event(&first)).await.is_err() {
+            return;
+        }
+        let answers = loop {
+            tokio::select! {
+                biased;
+                Some(m) = messages.recv() => {
+                    if out.send(event(&m)).await.is_err() {
+                        return;
+                    }
+                }
+                all = &mut answers => break all,
+                _ = out.closed() => return,
+            }
+        };
+        // Messages written before the answers may still be queued.
+        while let Ok(m) = messages.try_recv() {
+            if out.send(event(&m)).await.is_err() {
+                return;
+            }
+        }
+        for a in answers {
+            if out.send(event(&a)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        let chunk = rx.recv().await?;
+        Some((Ok::<_, std::convert::Infallible>(chunk), rx))
+    });
+    let mut res = Response::new(Body::from_stream(stream));
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    res
 }
 
 /// A forwarded request: the agent's id, where its answer comes, and the `initialize` params to
@@ -385,14 +450,16 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
 }
 
 /// Points a `notifications/cancelled` at the internal id of the request it names, if exactly one
-/// request in flight has that id (agents sharing the process have no sessions to tell theirs
-/// apart). Says whether it did.
-fn retarget_cancellation(conn: &Conn, msg: &mut Map<String, Value>) -> bool {
+/// request in flight has that id in the agent's session (agents without a session id are told
+/// apart by nothing else). Says whether it did.
+fn retarget_cancellation(conn: &Conn, msg: &mut Map<String, Value>, session: Option<&str>) -> bool {
     let Some(target) = msg.get_mut("params").and_then(|p| p.get_mut("requestId")) else {
         return false;
     };
     let agent_ids = lock(&conn.agent_ids);
-    let mut matching = agent_ids.iter().filter(|(_, a)| *a == target);
+    let mut matching = agent_ids
+        .iter()
+        .filter(|(_, (s, a))| s.as_deref() == session && a == target);
     match (matching.next(), matching.next()) {
         (Some((internal, _)), None) => {
             *target = Value::from(*internal);
@@ -414,6 +481,8 @@ fn swap_progress_token(msg: &mut Map<String, Value>, internal: u64) -> Option<Va
 struct PendingGuard {
     conn: Arc<Conn>,
     ids: Vec<u64>,
+    /// The key of the POST's entry in [`Conn::streams`], if it has one.
+    stream: Option<u64>,
 }
 
 impl Drop for PendingGuard {
@@ -431,6 +500,10 @@ impl Drop for PendingGuard {
         let mut agent_ids = lock(&self.conn.agent_ids);
         for id in &self.ids {
             agent_ids.remove(id);
+        }
+        drop(agent_ids);
+        if let Some(key) = self.stream {
+            lock(&self.conn.streams).remove(&key);
         }
     }
 }
@@ -520,6 +593,7 @@ async fn run_once(
         pending: Mutex::new(HashMap::new()),
         progress: Mutex::new(HashMap::new()),
         agent_ids: Mutex::new(HashMap::new()),
+        streams: Mutex::new(HashMap::new()),
     });
     let writer = tokio::spawn(async move {
         while let Some(mut line) = rx.recv().await {
@@ -567,6 +641,7 @@ async fn run_once(
     // Dropping the senders tells every waiting caller that the process is gone.
     lock(&conn.pending).clear();
     lock(&conn.progress).clear();
+    lock(&conn.streams).clear();
     kill_group(pid);
     reader.abort();
     writer.abort();
@@ -599,7 +674,8 @@ async fn replay_initialize(server: &StdioServer, conn: &Conn, params: Value) -> 
 }
 
 /// Routes one line from the process: an answer to its caller, progress to the stream of the
-/// request it is about, anything else to GET streams.
+/// request it is about, anything else to the one POST waiting for answers, or else to GET
+/// streams.
 fn dispatch(conn: &Conn, events: &broadcast::Sender<String>, line: &str) {
     let Ok(mut msg) = serde_json::from_str::<Map<String, Value>>(line) else {
         tracing::debug!(line, "ignoring a line that is not a JSON-RPC message");
@@ -630,6 +706,13 @@ fn dispatch(conn: &Conn, events: &broadcast::Sender<String>, line: &str) {
             }
         }
     }
+    let streams = lock(&conn.streams);
+    if let (1, Some(post)) = (streams.len(), streams.values().next())
+        && post.try_send(line.to_owned()).is_ok()
+    {
+        return;
+    }
+    drop(streams);
     // Nobody listening is fine: such messages are optional for the server to deliver.
     let _ = events.send(line.to_owned());
 }

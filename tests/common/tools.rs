@@ -91,6 +91,21 @@ impl TestTools {
         "done".into()
     }
 
+    #[tool(description = "Log a line, ask the client for its roots, and say how many it has")]
+    // Logging and requests from server to client are gone from protocol 2026-07-28; earlier
+    // ones, which agents still speak, have them.
+    #[allow(deprecated)]
+    async fn roots(&self, ctx: RequestContext<RoleServer>) -> String {
+        use rmcp::model::{LoggingLevel, LoggingMessageNotificationParam};
+        let note =
+            LoggingMessageNotificationParam::new(LoggingLevel::Info, "asking for roots".into());
+        let _ = ctx.peer.notify_logging_message(note).await;
+        match ctx.peer.list_roots().await {
+            Ok(r) => format!("{} roots", r.roots.len()),
+            Err(e) => format!("no roots: {e}"),
+        }
+    }
+
     #[tool(description = "Return a secret and an e-mail address")]
     fn leak(&self) -> String {
         "key AKIAIOSFODNN7EXAMPLE, mail jane.doe@example.com".into()
