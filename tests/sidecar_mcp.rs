@@ -520,30 +520,30 @@ async fn agents_in_different_sessions_cancel_only_their_own_requests() {
     // Both agents have a request 9 in flight; the first cancels its own.
     let slow = |session: String| {
         let msg = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
-            "name": "slow", "arguments": {"ms": 1500}}});
+            "name": "slow", "arguments": {"ms": 3000}}});
         let url = url.clone();
         tokio::spawn(async move { post_mcp_in(&url, Some(&session), msg).await })
     };
     let (a, b) = (slow(sessions[0].clone()), slow(sessions[1].clone()));
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
         "params": {"requestId": 9}});
     post_mcp_in(&url, Some(&sessions[0]), cancel).await;
     let (_, b) = tokio::time::timeout(PATIENCE, b).await.unwrap().unwrap();
     assert!(b.contains("\"done\""), "{b}");
-    if let Ok(a) = tokio::time::timeout(std::time::Duration::from_millis(3000), a).await {
+    if let Ok(a) = tokio::time::timeout(std::time::Duration::from_millis(1000), a).await {
         let (_, a) = a.unwrap();
         assert!(!a.contains("\"done\""), "{a}");
     }
 
-    // Ending a session is accepted; the process carries on for the other.
+    // A session holds nothing to end: the process is shared.
     let res = reqwest::Client::new()
         .delete(&url)
         .header("mcp-session-id", &sessions[0])
         .send()
         .await
         .unwrap();
-    assert_eq!(res.status(), 200);
+    assert_eq!(res.status(), 405);
     let add = json!({"jsonrpc": "2.0", "id": 10, "method": "tools/call", "params": {
         "name": "add", "arguments": {"a": 1, "b": 2}}});
     let (_, body) = post_mcp_in(&url, Some(&sessions[1]), add).await;
@@ -594,5 +594,129 @@ async fn a_stdio_servers_own_messages_reach_the_agent_whose_call_waits() {
     let last = msgs.last().expect("the answer");
     assert_eq!(last["id"], 5, "{rest}");
     assert_eq!(last["result"]["content"][0]["text"], "1 roots", "{rest}");
+    sidecar.stop().await;
+}
+
+/// Posts a call as an agent that takes only JSON; returns the answer's body.
+async fn post_json_only(url: String, msg: serde_json::Value) -> String {
+    let res = reqwest::Client::new()
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .body(msg.to_string())
+        .send()
+        .await
+        .unwrap();
+    res.text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_servers_question_goes_to_no_other_agent() {
+    let (sidecar, url) = initialized_stdio_sidecar().await;
+    // Agent B waits for a slow call, and could take an event stream.
+    let slow = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "slow", "arguments": {"ms": 2000}}});
+    let b = tokio::spawn(post_mcp_owned(url.clone(), slow));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Agent A, which takes only JSON, calls a tool that asks for roots: two calls wait, so the
+    // question cannot be told to belong to either, and goes to neither's answer.
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "roots", "arguments": {}}});
+    let a = tokio::spawn(post_json_only(url.clone(), call));
+    let (ty, body) = tokio::time::timeout(PATIENCE, b).await.unwrap().unwrap();
+    assert!(ty.starts_with("application/json"), "{ty}: {body}");
+    assert!(
+        !body.contains("roots/list"),
+        "agent B got agent A's question: {body}"
+    );
+    assert!(body.contains("\"done\""), "{body}");
+    a.abort();
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_gets_the_question_asked_while_its_requests_are_written() {
+    let (sidecar, url) = initialized_stdio_sidecar().await;
+    // The first call asks at once, while the sidecar still writes the other 299.
+    let mut batch = vec![
+        json!({"jsonrpc": "2.0", "id": 0, "method": "tools/call", "params": {
+        "name": "roots", "arguments": {}}}),
+    ];
+    for i in 1..300 {
+        batch.push(
+            json!({"jsonrpc": "2.0", "id": i, "method": "tools/call", "params": {
+            "name": "add", "arguments": {"a": i, "b": 1}}}),
+        );
+    }
+    let mut res = tokio::time::timeout(PATIENCE, send_mcp(&url, None, json!(batch)))
+        .await
+        .expect("the answer to the batch begins");
+    let ty = res.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ty.starts_with("text/event-stream"), "{ty}");
+    let mut body = String::new();
+    let question = loop {
+        let chunk = tokio::time::timeout(PATIENCE, res.chunk())
+            .await
+            .expect("the question comes")
+            .unwrap()
+            .expect("the stream is still open");
+        body.push_str(std::str::from_utf8(&chunk).unwrap());
+        if let Some(q) = stream_messages(&body)
+            .into_iter()
+            .find(|m| m["method"] == "roots/list")
+        {
+            break q;
+        }
+    };
+    assert_eq!(
+        stream_messages(&body)[0]["method"],
+        "notifications/message",
+        "{body}"
+    );
+    let reply = json!({"jsonrpc": "2.0", "id": question["id"], "result": {"roots": []}});
+    post_mcp(&url, reply).await;
+    let rest = tokio::time::timeout(PATIENCE, res.text())
+        .await
+        .unwrap()
+        .unwrap();
+    body.push_str(&rest);
+    let answers: Vec<_> = stream_messages(&body)
+        .into_iter()
+        .filter(|m| m.get("result").is_some())
+        .collect();
+    assert_eq!(answers.len(), 300, "{body}");
+    assert_eq!(
+        answers[0]["result"]["content"][0]["text"], "0 roots",
+        "{body}"
+    );
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_tool_list_reaches_every_agent_not_only_the_caller() {
+    let (sidecar, url) = initialized_stdio_sidecar().await;
+    // Another agent listens on its GET stream.
+    let mut listening = reqwest::Client::new()
+        .get(&url)
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(listening.status(), 200);
+    let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
+        "name": "changed", "arguments": {}}});
+    let (ty, body) = post_mcp(&url, call).await;
+    assert!(ty.starts_with("application/json"), "{ty}: {body}");
+    assert!(!body.contains("list_changed"), "{body}");
+    let chunk = tokio::time::timeout(PATIENCE, listening.chunk())
+        .await
+        .expect("the GET stream hears of it")
+        .unwrap()
+        .unwrap();
+    let heard = std::str::from_utf8(&chunk).unwrap();
+    assert!(
+        heard.contains("notifications/tools/list_changed"),
+        "{heard}"
+    );
     sidecar.stop().await;
 }

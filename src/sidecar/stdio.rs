@@ -8,10 +8,11 @@
 //! the one process, and so are progress tokens: a request's progress notifications go to the
 //! agent that sent it, on the event stream that answers its POST.
 //!
-//! The process's own messages (logging, `roots/list`, elicitation) carry nothing that says which
-//! request they belong to. While exactly one POST waits for answers, they go on its event stream,
-//! as an MCP server over HTTP would send them; otherwise to every GET stream. A POST is answered
-//! with plain JSON unless such a message, or progress, comes before its answers.
+//! The process's requests (`roots/list`, elicitation, sampling) and log messages carry nothing
+//! that says which request of which agent they belong to. While exactly one POST waits for
+//! answers, they go on its answer, as an MCP server over HTTP sends them; otherwise, and for
+//! its other notifications (a tool list that changed, ...), to every GET stream. A POST is
+//! answered with plain JSON unless such a message, or progress, comes with its answers.
 //!
 //! `initialize` gets an `Mcp-Session-Id`, without which some clients (the Python SDK's) open no
 //! GET stream. The process is shared, so a session holds no state of its own; its id only tells
@@ -56,7 +57,8 @@ type ProgressMap = Mutex<HashMap<u64, (Value, mpsc::Sender<String>)>>;
 
 const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
 
-/// Progress notifications one POST may have waiting before the oldest are dropped.
+/// Messages for one POST (progress, the process's own) that may wait to be sent; beyond that,
+/// progress is dropped and the process's own messages go to the GET streams.
 const PROGRESS_BUFFER: usize = 64;
 
 /// One running process.
@@ -67,9 +69,9 @@ struct Conn {
     /// The session and the agent's id of each request in flight, by its internal id, for
     /// cancellations.
     agent_ids: Mutex<HashMap<u64, (Option<String>, Value)>>,
-    /// The POSTs waiting for answers that take an event stream, by the internal id of their
-    /// first request: where the process's own messages go while exactly one waits.
-    streams: Mutex<HashMap<u64, mpsc::Sender<String>>>,
+    /// Every POST waiting for answers, and where its messages go if its agent takes an event
+    /// stream: the process's own messages go there while exactly one POST waits.
+    waiting: Mutex<HashMap<u64, Option<mpsc::Sender<String>>>>,
 }
 
 struct InitCache {
@@ -130,13 +132,13 @@ impl StdioServer {
         match method {
             Method::POST => self.post(headers, body).await,
             Method::GET => Ok(self.event_stream()),
-            // A session holds nothing to end: the process is shared and keeps running.
-            Method::DELETE => Ok(Response::new(Body::empty())),
+            // Also DELETE: a session holds nothing to end, the process is shared (405 is how
+            // the transport says so).
             _ => {
                 let mut res = Response::new(Body::empty());
                 *res.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
                 res.headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("POST, GET, DELETE"));
+                    .insert(header::ALLOW, HeaderValue::from_static("POST, GET"));
                 Ok(res)
             }
         }
@@ -155,18 +157,34 @@ impl StdioServer {
             .map(str::to_owned);
         let mut waits = Vec::new();
         let mut answers: Vec<String> = Vec::new();
+        let messages: Vec<Option<Map<String, Value>>> = parsed
+            .messages
+            .iter()
+            .map(|raw| serde_json::from_str(raw.get()).ok())
+            .collect();
         let mut guard = PendingGuard {
             conn: conn.clone(),
             ids: Vec::new(),
-            stream: None,
+            waiting: None,
         };
         // Progress and the process's own messages can only reach an agent that accepts an
         // event stream as the answer.
         let (stream_tx, stream_rx) = mpsc::channel(PROGRESS_BUFFER);
         let stream_tx = accepts_event_stream(headers).then_some(stream_tx);
+        // Counted as waiting before any request is written: the process may send its own
+        // messages before this task runs again.
+        let asks = messages
+            .iter()
+            .flatten()
+            .any(|m| m.contains_key("method") && m.contains_key("id"));
+        if asks {
+            let key = self.next_id.fetch_add(1, Ordering::Relaxed);
+            lock(&conn.waiting).insert(key, stream_tx.clone());
+            guard.waiting = Some(key);
+        }
         let mut initialize = false;
-        for raw in &parsed.messages {
-            let Ok(mut msg) = serde_json::from_str::<Map<String, Value>>(raw.get()) else {
+        for msg in messages {
+            let Some(mut msg) = msg else {
                 answers.push(jsonrpc::error_message(
                     None,
                     jsonrpc::INVALID_REQUEST,
@@ -216,8 +234,10 @@ impl StdioServer {
                 }
             }
         }
+        let listening = stream_tx.is_some() && !waits.is_empty();
+        drop(stream_tx);
         let mut res = self
-            .answer_post(guard, waits, answers, parsed.batch, stream_tx, stream_rx)
+            .answer_post(guard, waits, answers, parsed.batch, listening, stream_rx)
             .await;
         if initialize && res.status() == StatusCode::OK {
             let id = uuid::Uuid::new_v4().simple().to_string();
@@ -229,24 +249,17 @@ impl StdioServer {
     }
 
     /// Answers a POST once its requests are written: with plain JSON when the answers come
-    /// first, with an event stream when progress or a message of the process's own comes first.
+    /// alone, with an event stream when progress or a message of the process's own comes first
+    /// or with them (`listening`: the agent takes an event stream, and answers are awaited).
     async fn answer_post(
         &self,
-        mut guard: PendingGuard,
+        guard: PendingGuard,
         waits: Vec<Wait>,
         answered: Vec<String>,
         batch: bool,
-        stream_tx: Option<mpsc::Sender<String>>,
-        mut stream_rx: mpsc::Receiver<String>,
+        listening: bool,
+        mut messages: mpsc::Receiver<String>,
     ) -> Response<Body> {
-        let listening = match (stream_tx, guard.ids.first()) {
-            (Some(tx), Some(&first)) if !waits.is_empty() => {
-                lock(&guard.conn.streams).insert(first, tx);
-                guard.stream = Some(first);
-                true
-            }
-            _ => false,
-        };
         let (name, init) = (self.name.clone(), self.init.clone());
         let mut answers = Box::pin(async move {
             let mut all = answered;
@@ -257,9 +270,8 @@ impl StdioServer {
         });
         let first = if listening {
             tokio::select! {
-                // A message the process wrote before its answers is read first.
                 biased;
-                Some(first) = stream_rx.recv() => Err(first),
+                Some(first) = messages.recv() => Err(first),
                 all = &mut answers => Ok(all),
             }
         } else {
@@ -267,12 +279,24 @@ impl StdioServer {
         };
         let answers = match first {
             Ok(all) => all,
-            Err(first) => return event_stream_answer(guard, answers, first, stream_rx),
+            Err(first) => return event_stream_answer(guard, answers, first, messages),
         };
         drop(guard);
-        // Whatever slipped in after the answers still reaches the agent, on its GET stream.
-        while let Ok(late) = stream_rx.try_recv() {
-            let _ = self.events.send(late);
+        // A message queued just before the answers, or with them, goes first.
+        messages.close();
+        let mut all = Vec::new();
+        while let Ok(m) = messages.try_recv() {
+            all.push(m);
+        }
+        if !all.is_empty() {
+            all.extend(answers);
+            let events: Vec<u8> = all.iter().flat_map(|m| sse::message_event(m)).collect();
+            let mut res = Response::new(Body::from(events));
+            res.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/event-stream"),
+            );
+            return res;
         }
         if answers.is_empty() {
             let mut res = Response::new(Body::empty());
@@ -365,7 +389,6 @@ fn event_stream_answer(
     let (out, rx) = mpsc::channel::<Bytes>(PROGRESS_BUFFER);
     let event = |m: &str| Bytes::from(sse::message_event(m));
     tokio::spawn(async move {
-        let _guard = guard;
         if out.send(event(&first)).await.is_err() {
             return;
         }
@@ -381,8 +404,11 @@ fn event_stream_answer(
                 _ = out.closed() => return,
             }
         };
-        // Messages written before the answers may still be queued.
-        while let Ok(m) = messages.try_recv() {
+        // No longer waiting: the process's next messages go elsewhere, while those queued,
+        // written before or with the answers, go first.
+        drop(guard);
+        messages.close();
+        while let Some(m) = messages.recv().await {
             if out.send(event(&m)).await.is_err() {
                 return;
             }
@@ -481,8 +507,8 @@ fn swap_progress_token(msg: &mut Map<String, Value>, internal: u64) -> Option<Va
 struct PendingGuard {
     conn: Arc<Conn>,
     ids: Vec<u64>,
-    /// The key of the POST's entry in [`Conn::streams`], if it has one.
-    stream: Option<u64>,
+    /// The key of the POST's entry in [`Conn::waiting`], if it has one.
+    waiting: Option<u64>,
 }
 
 impl Drop for PendingGuard {
@@ -502,8 +528,8 @@ impl Drop for PendingGuard {
             agent_ids.remove(id);
         }
         drop(agent_ids);
-        if let Some(key) = self.stream {
-            lock(&self.conn.streams).remove(&key);
+        if let Some(key) = self.waiting {
+            lock(&self.conn.waiting).remove(&key);
         }
     }
 }
@@ -593,7 +619,7 @@ async fn run_once(
         pending: Mutex::new(HashMap::new()),
         progress: Mutex::new(HashMap::new()),
         agent_ids: Mutex::new(HashMap::new()),
-        streams: Mutex::new(HashMap::new()),
+        waiting: Mutex::new(HashMap::new()),
     });
     let writer = tokio::spawn(async move {
         while let Some(mut line) = rx.recv().await {
@@ -641,7 +667,7 @@ async fn run_once(
     // Dropping the senders tells every waiting caller that the process is gone.
     lock(&conn.pending).clear();
     lock(&conn.progress).clear();
-    lock(&conn.streams).clear();
+    lock(&conn.waiting).clear();
     kill_group(pid);
     reader.abort();
     writer.abort();
@@ -674,8 +700,8 @@ async fn replay_initialize(server: &StdioServer, conn: &Conn, params: Value) -> 
 }
 
 /// Routes one line from the process: an answer to its caller, progress to the stream of the
-/// request it is about, anything else to the one POST waiting for answers, or else to GET
-/// streams.
+/// request it is about, a request or a log message of its own to the one POST waiting for
+/// answers, anything else to GET streams.
 fn dispatch(conn: &Conn, events: &broadcast::Sender<String>, line: &str) {
     let Ok(mut msg) = serde_json::from_str::<Map<String, Value>>(line) else {
         tracing::debug!(line, "ignoring a line that is not a JSON-RPC message");
@@ -706,13 +732,18 @@ fn dispatch(conn: &Conn, events: &broadcast::Sender<String>, line: &str) {
             }
         }
     }
-    let streams = lock(&conn.streams);
-    if let (1, Some(post)) = (streams.len(), streams.values().next())
-        && post.try_send(line.to_owned()).is_ok()
-    {
-        return;
+    // Requests and log messages are about a request of some agent's, if any; other notifications
+    // (a tool list that changed, ...) are for every agent.
+    let about_a_request = msg.contains_key("id")
+        || msg.get("method").and_then(Value::as_str) == Some("notifications/message");
+    if about_a_request {
+        let waiting = lock(&conn.waiting);
+        if let (1, Some(Some(post))) = (waiting.len(), waiting.values().next())
+            && post.try_send(line.to_owned()).is_ok()
+        {
+            return;
+        }
     }
-    drop(streams);
     // Nobody listening is fine: such messages are optional for the server to deliver.
     let _ = events.send(line.to_owned());
 }

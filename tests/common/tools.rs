@@ -106,6 +106,12 @@ impl TestTools {
         }
     }
 
+    #[tool(description = "Say that the tool list changed")]
+    async fn changed(&self, ctx: RequestContext<RoleServer>) -> String {
+        let _ = ctx.peer.notify_tool_list_changed().await;
+        "told".into()
+    }
+
     #[tool(description = "Return a secret and an e-mail address")]
     fn leak(&self) -> String {
         "key AKIAIOSFODNN7EXAMPLE, mail jane.doe@example.com".into()
