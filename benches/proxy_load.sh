@@ -3,8 +3,9 @@
 #   direct   wrk -> tool
 #   nginx    wrk -> nginx (reverse proxy, keep-alive upstream) -> tool
 #   sidecar  wrk -> perfecx sidecar (/tools/web_search/..., shipped policies) -> tool
-# for 1 KiB and 16 KiB JSON bodies: the highest throughput (closed loop), and latency at a fixed
-# rate (RATE requests/s, paced with wrk's delay()); then the sidecar's resident memory.
+# for 1 KiB and 16 KiB JSON bodies: the highest throughput (closed loop) with the proxy's CPU time
+# per request in that run, and latency at a fixed rate (RATE requests/s, paced with wrk's delay());
+# then the sidecar's resident memory.
 #
 # Needs wrk and nginx (Debian: apt-get install -y wrk nginx). Only 127.0.0.1 is used.
 # Usage: benches/proxy_load.sh            (DURATION=10s CONNS=32 RATE=2000 POLICY_DIR=policies)
@@ -126,14 +127,27 @@ LUA
 to_us() { awk '{v=$1; u=v; sub(/[0-9.]+/, "", u); sub(/[a-z]+$/, "", v);
     m = (u=="us") ? 1 : (u=="ms") ? 1000 : (u=="s") ? 1000000 : 1; printf "%.0f", v*m }'; }
 
-run_wrk() { # $1 url, $2 lua, $3 connections
-    wrk -t"$THREADS" -c"$3" -d"$DURATION" --latency -s "$2" "$1" >"$work/wrk.out" 2>&1 || true
-    local rps p50 p99 errors
+# CPU time (user + system) of processes $@ so far, in clock ticks.
+cpu_ticks() {
+    for p in "$@"; do awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0; done |
+        awk '{t += $1} END {print t + 0}'
+}
+tick_us=$((1000000 / $(getconf CLK_TCK)))
+
+run_wrk() { # $1 url, $2 lua, $3 connections, $4... the proxy's processes (none: direct)
+    local url=$1 script=$2 conns=$3; shift 3
+    local before after
+    before=$(cpu_ticks "$@")
+    wrk -t"$THREADS" -c"$conns" -d"$DURATION" --latency -s "$script" "$url" >"$work/wrk.out" 2>&1 || true
+    after=$(cpu_ticks "$@")
+    local rps p50 p99 errors requests cpu="-"
+    requests=$(awk '/requests in/ {print $1}' "$work/wrk.out")
+    [ $# -gt 0 ] && [ "${requests:-0}" -gt 0 ] && cpu=$(( (after - before) * tick_us / requests ))
     rps=$(awk '/^Requests\/sec:/ {printf "%.0f", $2}' "$work/wrk.out")
     p50=$(awk '$1=="50%" {print $2}' "$work/wrk.out" | to_us)
     p99=$(awk '$1=="99%" {print $2}' "$work/wrk.out" | to_us)
     errors=$(awk '/Non-2xx|Socket errors/ {printf "%s ", $0}' "$work/wrk.out")
-    echo "$rps $p50 $p99 ${errors:-none}"
+    echo "$rps $p50 $p99 $cpu ${errors:-none}"
 }
 
 declare -A url=(
@@ -151,18 +165,26 @@ done
 
 echo "# perfecx load benchmark: $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) CPUs, wrk -t$THREADS, $DURATION per run"
 echo "# policies: $POLICY_DIR ($(ls "$POLICY_DIR" | grep -Ev '\.test\.ya?ml$' | grep -Ec '\.(ya?ml|json)$') files)"
-printf "%-6s %-8s | %10s %9s %9s | %9s %9s %12s | %s\n" body target "max req/s" "p50 us" "p99 us" "p50@$RATE" "p99@$RATE" "p99 added" errors
+# The processes whose CPU time is counted per request: none for direct, nginx's workers, the
+# sidecar.
+declare -A procs=(
+    [direct]=""
+    [nginx]="$(pgrep -P "$(cat "$work/nginx.pid")" | tr '\n' ' ')"
+    [sidecar]="$sidecar_pid"
+)
+printf "%-6s %-8s | %10s %9s %9s %10s | %9s %9s %12s | %s\n" body target "max req/s" "p50 us" "p99 us" "CPU us/req" "p50@$RATE" "p99@$RATE" "p99 added" errors
 declare -A paced_p99
 for size in 1k 16k; do
     lua "$work/body-$size.json" 0 >"$work/max.lua"
     lua "$work/body-$size.json" "$delay_ms" >"$work/paced.lua"
     for t in direct nginx sidecar; do
-        read -r rps p50 p99 err < <(run_wrk "${url[$t]}" "$work/max.lua" "$CONNS")
-        read -r _ pp50 pp99 perr < <(run_wrk "${url[$t]}" "$work/paced.lua" "$PACED_CONNS")
+        # shellcheck disable=SC2086 # the process list splits into arguments
+        read -r rps p50 p99 cpu err < <(run_wrk "${url[$t]}" "$work/max.lua" "$CONNS" ${procs[$t]})
+        read -r _ pp50 pp99 _ perr < <(run_wrk "${url[$t]}" "$work/paced.lua" "$PACED_CONNS")
         paced_p99[$t]=$pp99
         added="-"
         [ "$t" != direct ] && added=$(( pp99 - ${paced_p99[direct]} ))
-        printf "%-6s %-8s | %10s %9s %9s | %9s %9s %12s | %s %s\n" "$size" "$t" "$rps" "$p50" "$p99" "$pp50" "$pp99" "$added" "$err" "$perr"
+        printf "%-6s %-8s | %10s %9s %9s %10s | %9s %9s %12s | %s %s\n" "$size" "$t" "$rps" "$p50" "$p99" "$cpu" "$pp50" "$pp99" "$added" "$err" "$perr"
     done
 done
 rss=$(awk '/^VmRSS/ {print $2}' /proc/$sidecar_pid/status)
