@@ -551,6 +551,37 @@ async fn agents_in_different_sessions_cancel_only_their_own_requests() {
     sidecar.stop().await;
 }
 
+/// Posts `msg` and returns its answer, which must begin, as an event stream, while the call runs.
+async fn event_stream_answer(url: &str, msg: serde_json::Value) -> reqwest::Response {
+    let res = tokio::time::timeout(PATIENCE, send_mcp(url, None, msg))
+        .await
+        .expect("the answer begins while the call runs");
+    let ty = res.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(ty.starts_with("text/event-stream"), "{ty}");
+    res
+}
+
+/// Reads the event stream `res` into `body` up to the server's `roots/list` request; returns it.
+async fn read_until_roots_question(
+    res: &mut reqwest::Response,
+    body: &mut String,
+) -> serde_json::Value {
+    loop {
+        let chunk = tokio::time::timeout(PATIENCE, res.chunk())
+            .await
+            .expect("the server's question comes")
+            .unwrap()
+            .expect("the stream is still open");
+        body.push_str(std::str::from_utf8(&chunk).unwrap());
+        if let Some(q) = stream_messages(body)
+            .into_iter()
+            .find(|m| m["method"] == "roots/list")
+        {
+            return q;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stdio_servers_own_messages_reach_the_agent_whose_call_waits() {
     let (sidecar, url) = initialized_stdio_sidecar().await;
@@ -558,26 +589,9 @@ async fn a_stdio_servers_own_messages_reach_the_agent_whose_call_waits() {
     // answers the call, and the agent's answer to the question reaches the server.
     let call = json!({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {
         "name": "roots", "arguments": {}}});
-    let mut res = tokio::time::timeout(PATIENCE, send_mcp(&url, None, call))
-        .await
-        .expect("the answer to the call begins while it runs");
-    let ty = res.headers()["content-type"].to_str().unwrap().to_owned();
-    assert!(ty.starts_with("text/event-stream"), "{ty}");
+    let mut res = event_stream_answer(&url, call).await;
     let mut body = String::new();
-    let question = loop {
-        let chunk = tokio::time::timeout(PATIENCE, res.chunk())
-            .await
-            .expect("the server's question comes")
-            .unwrap()
-            .expect("the stream is still open");
-        body.push_str(std::str::from_utf8(&chunk).unwrap());
-        if let Some(q) = stream_messages(&body)
-            .into_iter()
-            .find(|m| m["method"] == "roots/list")
-        {
-            break q;
-        }
-    };
+    let question = read_until_roots_question(&mut res, &mut body).await;
     let log = &stream_messages(&body)[0];
     assert_eq!(log["method"], "notifications/message", "{body}");
     assert_eq!(log["params"]["data"], "asking for roots", "{body}");
@@ -648,26 +662,9 @@ async fn a_batch_gets_the_question_asked_while_its_requests_are_written() {
             "name": "add", "arguments": {"a": i, "b": 1}}}),
         );
     }
-    let mut res = tokio::time::timeout(PATIENCE, send_mcp(&url, None, json!(batch)))
-        .await
-        .expect("the answer to the batch begins");
-    let ty = res.headers()["content-type"].to_str().unwrap().to_owned();
-    assert!(ty.starts_with("text/event-stream"), "{ty}");
+    let mut res = event_stream_answer(&url, json!(batch)).await;
     let mut body = String::new();
-    let question = loop {
-        let chunk = tokio::time::timeout(PATIENCE, res.chunk())
-            .await
-            .expect("the question comes")
-            .unwrap()
-            .expect("the stream is still open");
-        body.push_str(std::str::from_utf8(&chunk).unwrap());
-        if let Some(q) = stream_messages(&body)
-            .into_iter()
-            .find(|m| m["method"] == "roots/list")
-        {
-            break q;
-        }
-    };
+    let question = read_until_roots_question(&mut res, &mut body).await;
     assert_eq!(
         stream_messages(&body)[0]["method"],
         "notifications/message",
