@@ -1,6 +1,6 @@
 //! A small MCP server over stdio, for trying `mcp_command` upstreams and for the end-to-end
 //! tests: `add`, `echo`, `shell` (harmless: it only echoes), `slow`, `progress`, `roots`,
-//! `changed`, `leak`, `fail` (an `isError` result) and `crash`.
+//! `changed`, `initialized`, `leak`, `fail` (an `isError` result) and `crash`.
 //!
 //! ```sh
 //! cargo build --example mcp_test_server

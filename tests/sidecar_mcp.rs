@@ -251,6 +251,9 @@ async fn an_mcp_server_over_stdio_is_spawned_served_and_restarted() {
     ));
     let t = text(&call(&client, "leak", json!({})).await);
     assert!(t.contains("[REDACTED:aws_access_key]"), "{t}");
+    // The agent's `notifications/initialized` reached the process (servers act on it: roots,
+    // tools that depend on the client's capabilities).
+    assert_eq!(text(&call(&client, "initialized", json!({})).await), "told");
 
     // The process dies with the call in flight: that call gets an error, the next one a new
     // process (the session carries on).
@@ -297,6 +300,8 @@ async fn an_mcp_server_over_stdio_is_spawned_served_and_restarted() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     };
     assert_ne!(first_pid, second_pid);
+    // The restarted process was initialized and told so by the replay.
+    assert_eq!(text(&call(&client, "initialized", json!({})).await), "told");
     let pid: i32 = second_pid.parse().unwrap();
     client.cancel().await.unwrap();
     sidecar.stop().await;

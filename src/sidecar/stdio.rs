@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,6 +72,9 @@ struct Conn {
     /// Every POST waiting for answers, and where its messages go if its agent takes an event
     /// stream: the process's own messages go there while exactly one POST waits.
     waiting: Mutex<HashMap<u64, Option<mpsc::Sender<String>>>>,
+    /// Whether the process was sent `notifications/initialized`: once, by the first agent (or
+    /// the replay after a restart); the agents after it share the initialized process.
+    initialized: AtomicBool,
 }
 
 struct InitCache {
@@ -215,8 +218,10 @@ impl StdioServer {
                         .await?;
                     waits.push((id, rx, None));
                 }
-                (Some("notifications/initialized"), None) if self.lock_init().is_some() => {
-                    // The process was initialized already (by this or another agent).
+                (Some("notifications/initialized"), None)
+                    if conn.initialized.swap(true, Ordering::Relaxed) =>
+                {
+                    // The process was told already (by another agent).
                 }
                 (Some("notifications/cancelled"), None)
                     if !retarget_cancellation(&conn, &mut msg, session.as_deref()) =>
@@ -620,6 +625,7 @@ async fn run_once(
         progress: Mutex::new(HashMap::new()),
         agent_ids: Mutex::new(HashMap::new()),
         waiting: Mutex::new(HashMap::new()),
+        initialized: AtomicBool::new(false),
     });
     let writer = tokio::spawn(async move {
         while let Some(mut line) = rx.recv().await {
@@ -690,6 +696,7 @@ async fn replay_initialize(server: &StdioServer, conn: &Conn, params: Value) -> 
     match tokio::time::timeout(WAIT_FOR_PROCESS, rx).await {
         Ok(Ok(_)) => {
             let note = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+            conn.initialized.store(true, Ordering::Relaxed);
             conn.stdin.send(note.to_owned()).await.is_ok()
         }
         _ => {

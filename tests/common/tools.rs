@@ -2,13 +2,15 @@
 //! `mcp_test_server` example).
 #![allow(dead_code)]
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use rmcp::handler::server::{router::tool::ToolRouter, wrapper::Parameters};
 use rmcp::model::{
     CallToolResult, ContentBlock, ProgressNotificationParam, ServerCapabilities, ServerConfig,
 };
-use rmcp::service::RequestContext;
+use rmcp::service::{NotificationContext, RequestContext};
 use rmcp::{RoleServer, ServerHandler, schemars, tool, tool_handler, tool_router};
 
 #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
@@ -35,12 +37,15 @@ pub struct SlowArgs {
 #[derive(Debug, Clone)]
 pub struct TestTools {
     tool_router: ToolRouter<Self>,
+    /// Whether the client sent `notifications/initialized`.
+    initialized: Arc<AtomicBool>,
 }
 
 impl TestTools {
     pub fn new() -> Self {
         Self {
             tool_router: Self::tool_router(),
+            initialized: Arc::default(),
         }
     }
 }
@@ -112,6 +117,12 @@ impl TestTools {
         "told".into()
     }
 
+    #[tool(description = "Say whether the client sent notifications/initialized")]
+    fn initialized(&self) -> String {
+        let told = self.initialized.load(Ordering::Relaxed);
+        if told { "told" } else { "not told" }.into()
+    }
+
     #[tool(description = "Return a secret and an e-mail address")]
     fn leak(&self) -> String {
         "key AKIAIOSFODNN7EXAMPLE, mail jane.doe@example.com".into()
@@ -137,5 +148,9 @@ impl TestTools {
 impl ServerHandler for TestTools {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+
+    async fn on_initialized(&self, _: NotificationContext<RoleServer>) {
+        self.initialized.store(true, Ordering::Relaxed);
     }
 }
