@@ -296,12 +296,7 @@ impl StdioServer {
         if !all.is_empty() {
             all.extend(answers);
             let events: Vec<u8> = all.iter().flat_map(|m| sse::message_event(m)).collect();
-            let mut res = Response::new(Body::from(events));
-            res.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/event-stream"),
-            );
-            return res;
+            return event_stream_response(Body::from(events));
         }
         if answers.is_empty() {
             let mut res = Response::new(Body::empty());
@@ -366,12 +361,7 @@ impl StdioServer {
                 }
             }
         });
-        let mut res = Response::new(Body::from_stream(stream));
-        res.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        res
+        event_stream_response(Body::from_stream(stream))
     }
 
     fn lock_init(&self) -> std::sync::MutexGuard<'_, Option<InitCache>> {
@@ -428,7 +418,11 @@ fn event_stream_answer(
         let chunk = rx.recv().await?;
         Some((Ok::<_, std::convert::Infallible>(chunk), rx))
     });
-    let mut res = Response::new(Body::from_stream(stream));
+    event_stream_response(Body::from_stream(stream))
+}
+
+fn event_stream_response(body: Body) -> Response<Body> {
+    let mut res = Response::new(body);
     res.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream"),
