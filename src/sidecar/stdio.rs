@@ -14,11 +14,15 @@
 //! its other notifications (a tool list that changed, ...), to every GET stream. A POST is
 //! answered with plain JSON unless such a message, or progress, comes with its answers.
 //!
+//! A request of the process's that reaches no agent (none waits, none has a GET stream open, as
+//! when a server asks for the roots as soon as it is initialized) waits for the next GET stream,
+//! and after [`UNHEARD_TIMEOUT`] the process is answered with an error rather than left waiting.
+//!
 //! `initialize` gets an `Mcp-Session-Id`, without which some clients (the Python SDK's) open no
 //! GET stream. The process is shared, so a session holds no state of its own; its id only tells
 //! apart two agents' requests that have the same id, when one of them is cancelled.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -57,6 +61,11 @@ type ProgressMap = Mutex<HashMap<u64, (Value, mpsc::Sender<String>)>>;
 
 const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
 
+/// How long a request of the process's that no agent could hear waits for a GET stream.
+const UNHEARD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Such requests kept at most; the process is answered at once beyond that.
+const MAX_UNHEARD: usize = 64;
+
 /// Messages for one POST (progress, the process's own) that may wait to be sent; beyond that,
 /// progress is dropped and the process's own messages go to the GET streams.
 const PROGRESS_BUFFER: usize = 64;
@@ -72,6 +81,10 @@ struct Conn {
     /// Every POST waiting for answers, and where its messages go if its agent takes an event
     /// stream: the process's own messages go there while exactly one POST waits.
     waiting: Mutex<HashMap<u64, Option<mpsc::Sender<String>>>>,
+    /// The key of the next entry in `waiting`.
+    next_waiting: AtomicU64,
+    /// The process's requests that no agent could hear yet, with their ids, oldest first.
+    unheard: Mutex<VecDeque<(Value, String)>>,
     /// Whether the process was sent `notifications/initialized`: once, by the first agent (or
     /// the replay after a restart); the agents after it share the initialized process.
     initialized: AtomicBool,
@@ -181,7 +194,7 @@ impl StdioServer {
             .flatten()
             .any(|m| m.contains_key("method") && m.contains_key("id"));
         if asks {
-            let key = self.next_id.fetch_add(1, Ordering::Relaxed);
+            let key = conn.next_waiting.fetch_add(1, Ordering::Relaxed);
             lock(&conn.waiting).insert(key, stream_tx.clone());
             guard.waiting = Some(key);
         }
@@ -323,10 +336,15 @@ impl StdioServer {
         let (tx, rx) = oneshot::channel();
         lock(&conn.pending).insert(internal, tx);
         guard.ids.push(internal);
-        if let Some(progress) = progress {
-            if let Some(token) = swap_progress_token(msg, internal) {
-                lock(&conn.progress).insert(internal, (token, progress.clone()));
+        match progress {
+            Some(progress) => {
+                if let Some(token) = swap_progress_token(msg, internal) {
+                    lock(&conn.progress).insert(internal, (token, progress.clone()));
+                }
             }
+            // Its progress could reach the agent nowhere, and its token, passed on as it is,
+            // could be taken for another request's internal id.
+            None => drop_progress_token(msg),
         }
         conn.stdin
             .send(Value::Object(std::mem::take(msg)).to_string())
@@ -349,6 +367,13 @@ impl StdioServer {
 
     fn event_stream(&self) -> Response<Body> {
         let rx = self.events.subscribe();
+        // Subscribed first, so that nothing falls between the queue and the broadcast.
+        let unheard: Vec<String> = match self.conn.borrow().as_ref() {
+            Some(conn) => lock(&conn.unheard).drain(..).map(|(_, m)| m).collect(),
+            None => Vec::new(),
+        };
+        let unheard = futures_util::stream::iter(unheard)
+            .map(|msg| Ok::<_, std::convert::Infallible>(Bytes::from(sse::message_event(&msg))));
         let stream = futures_util::stream::unfold(rx, |mut rx| async move {
             loop {
                 match rx.recv().await {
@@ -361,7 +386,7 @@ impl StdioServer {
                 }
             }
         });
-        event_stream_response(Body::from_stream(stream))
+        event_stream_response(Body::from_stream(unheard.chain(stream)))
     }
 
     fn lock_init(&self) -> std::sync::MutexGuard<'_, Option<InitCache>> {
@@ -494,6 +519,17 @@ fn retarget_cancellation(conn: &Conn, msg: &mut Map<String, Value>, session: Opt
     }
 }
 
+/// Removes a request's `params._meta.progressToken`, if it has one.
+fn drop_progress_token(msg: &mut Map<String, Value>) {
+    let meta = msg
+        .get_mut("params")
+        .and_then(|p| p.get_mut("_meta"))
+        .and_then(Value::as_object_mut);
+    if let Some(meta) = meta {
+        meta.remove("progressToken");
+    }
+}
+
 /// Replaces a request's `params._meta.progressToken` with `internal`, returning the agent's.
 fn swap_progress_token(msg: &mut Map<String, Value>, internal: u64) -> Option<Value> {
     let meta = msg.get_mut("params")?.get_mut("_meta")?.as_object_mut()?;
@@ -619,6 +655,8 @@ async fn run_once(
         progress: Mutex::new(HashMap::new()),
         agent_ids: Mutex::new(HashMap::new()),
         waiting: Mutex::new(HashMap::new()),
+        next_waiting: AtomicU64::new(0),
+        unheard: Mutex::new(VecDeque::new()),
         initialized: AtomicBool::new(false),
     });
     let writer = tokio::spawn(async move {
@@ -703,7 +741,7 @@ async fn replay_initialize(server: &StdioServer, conn: &Conn, params: Value) -> 
 /// Routes one line from the process: an answer to its caller, progress to the stream of the
 /// request it is about, a request or a log message of its own to the one POST waiting for
 /// answers, anything else to GET streams.
-fn dispatch(conn: &Conn, events: &broadcast::Sender<String>, line: &str) {
+fn dispatch(conn: &Arc<Conn>, events: &broadcast::Sender<String>, line: &str) {
     let Ok(mut msg) = serde_json::from_str::<Map<String, Value>>(line) else {
         tracing::debug!(line, "ignoring a line that is not a JSON-RPC message");
         return;
@@ -745,8 +783,43 @@ fn dispatch(conn: &Conn, events: &broadcast::Sender<String>, line: &str) {
             return;
         }
     }
-    // Nobody listening is fine: such messages are optional for the server to deliver.
-    let _ = events.send(line.to_owned());
+    // Nobody listening is fine for notifications: they are optional for the server to deliver.
+    // A request waits for a listener, for a while.
+    if let Err(broadcast::error::SendError(line)) = events.send(line.to_owned())
+        && let Some(id) = msg.get("id").filter(|_| msg.contains_key("method"))
+    {
+        unheard(conn, id.clone(), line);
+    }
+}
+
+/// Keeps a request of the process's that no agent could hear for the next GET stream; answers
+/// the process with an error if none comes in time.
+fn unheard(conn: &Arc<Conn>, id: Value, line: String) {
+    let error = jsonrpc::error_message(
+        Some(&id.to_string()),
+        jsonrpc::INTERNAL_ERROR,
+        "no agent can answer: none is connected to receive this request",
+    );
+    let mut queue = lock(&conn.unheard);
+    if queue.len() >= MAX_UNHEARD {
+        drop(queue);
+        let _ = conn.stdin.try_send(error);
+        return;
+    }
+    queue.push_back((id.clone(), line));
+    drop(queue);
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(UNHEARD_TIMEOUT).await;
+        let still_unheard = {
+            let mut queue = lock(&conn.unheard);
+            let at = queue.iter().position(|(i, _)| *i == id);
+            at.and_then(|at| queue.remove(at)).is_some()
+        };
+        if still_unheard {
+            let _ = conn.stdin.send(error).await;
+        }
+    });
 }
 
 fn kill_group(pid: Option<u32>) {
