@@ -700,17 +700,23 @@ async fn a_batch_gets_the_question_asked_while_its_requests_are_written() {
     sidecar.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_changed_tool_list_reaches_every_agent_not_only_the_caller() {
-    let (sidecar, url) = initialized_stdio_sidecar().await;
-    // Another agent listens on its GET stream.
-    let mut listening = reqwest::Client::new()
-        .get(&url)
+/// Opens the GET stream of the server's own messages, as an agent.
+async fn open_get_stream(url: &str) -> reqwest::Response {
+    let res = reqwest::Client::new()
+        .get(url)
         .header("accept", "text/event-stream")
         .send()
         .await
         .unwrap();
-    assert_eq!(listening.status(), 200);
+    assert_eq!(res.status(), 200);
+    res
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_tool_list_reaches_every_agent_not_only_the_caller() {
+    let (sidecar, url) = initialized_stdio_sidecar().await;
+    // Another agent listens on its GET stream.
+    let mut listening = open_get_stream(&url).await;
     let call = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {
         "name": "changed", "arguments": {}}});
     let (ty, body) = post_mcp(&url, call).await;
@@ -743,12 +749,7 @@ async fn a_question_nobody_could_hear_waits_for_a_get_stream_for_a_while() {
     // An agent that opens its GET stream a little later still gets the question.
     let asked = tokio::spawn(post_json_only(url.clone(), call));
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let mut listening = reqwest::Client::new()
-        .get(&url)
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
+    let mut listening = open_get_stream(&url).await;
     let mut heard = String::new();
     let question = read_until_roots_question(&mut listening, &mut heard).await;
     let reply = json!({"jsonrpc": "2.0", "id": question["id"], "result": {
