@@ -655,7 +655,10 @@ async fn a_stdio_servers_question_goes_to_no_other_agent() {
     assert!(body.contains("\"done\""), "{body}");
     // Nobody could hear the question: the server is told so in time, and A's call ends.
     let a = tokio::time::timeout(PATIENCE, a).await.unwrap().unwrap();
-    assert!(a.contains("no roots"), "{a}");
+    assert!(
+        a.contains("no roots") && a.contains("no agent can answer"),
+        "{a}"
+    );
     sidecar.stop().await;
 }
 
@@ -744,7 +747,10 @@ async fn a_question_nobody_could_hear_waits_for_a_get_stream_for_a_while() {
     let body = tokio::time::timeout(PATIENCE, post_json_only(url.clone(), call.clone()))
         .await
         .expect("the call ends");
-    assert!(body.contains("no roots"), "{body}");
+    assert!(
+        body.contains("no roots") && body.contains("no agent can answer"),
+        "{body}"
+    );
 
     // An agent that opens its GET stream a little later still gets the question.
     let asked = tokio::spawn(post_json_only(url.clone(), call));

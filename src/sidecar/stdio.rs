@@ -83,11 +83,19 @@ struct Conn {
     waiting: Mutex<HashMap<u64, Option<mpsc::Sender<String>>>>,
     /// The key of the next entry in `waiting`.
     next_waiting: AtomicU64,
-    /// The process's requests that no agent could hear yet, with their ids, oldest first.
-    unheard: Mutex<VecDeque<(Value, String)>>,
+    /// The process's requests that no agent could hear yet.
+    unheard: Mutex<Unheard>,
     /// Whether the process was sent `notifications/initialized`: once, by the first agent (or
     /// the replay after a restart); the agents after it share the initialized process.
     initialized: AtomicBool,
+}
+
+/// Requests of the process's that no agent could hear yet, oldest first, each with a number of
+/// its own (the process may use an id again once it is answered).
+#[derive(Default)]
+struct Unheard {
+    requests: VecDeque<(u64, String)>,
+    next: u64,
 }
 
 struct InitCache {
@@ -366,11 +374,16 @@ impl StdioServer {
     }
 
     fn event_stream(&self) -> Response<Body> {
-        let rx = self.events.subscribe();
-        // Subscribed first, so that nothing falls between the queue and the broadcast.
-        let unheard: Vec<String> = match self.conn.borrow().as_ref() {
-            Some(conn) => lock(&conn.unheard).drain(..).map(|(_, m)| m).collect(),
-            None => Vec::new(),
+        // Subscribed with the queue locked, as `dispatch` broadcasts a request and queues it if
+        // nobody heard: the request comes either way, once.
+        let (rx, unheard) = match self.conn.borrow().as_ref() {
+            Some(conn) => {
+                let mut queue = lock(&conn.unheard);
+                let rx = self.events.subscribe();
+                let unheard: Vec<String> = queue.requests.drain(..).map(|(_, m)| m).collect();
+                (rx, unheard)
+            }
+            None => (self.events.subscribe(), Vec::new()),
         };
         let unheard = futures_util::stream::iter(unheard)
             .map(|msg| Ok::<_, std::convert::Infallible>(Bytes::from(sse::message_event(&msg))));
@@ -656,7 +669,7 @@ async fn run_once(
         agent_ids: Mutex::new(HashMap::new()),
         waiting: Mutex::new(HashMap::new()),
         next_waiting: AtomicU64::new(0),
-        unheard: Mutex::new(VecDeque::new()),
+        unheard: Mutex::default(),
         initialized: AtomicBool::new(false),
     });
     let writer = tokio::spawn(async move {
@@ -784,37 +797,43 @@ fn dispatch(conn: &Arc<Conn>, events: &broadcast::Sender<String>, line: &str) {
         }
     }
     // Nobody listening is fine for notifications: they are optional for the server to deliver.
-    // A request waits for a listener, for a while.
-    if let Err(broadcast::error::SendError(line)) = events.send(line.to_owned())
-        && let Some(id) = msg.get("id").filter(|_| msg.contains_key("method"))
-    {
-        unheard(conn, id.clone(), line);
+    let Some(id) = msg.get("id") else {
+        let _ = events.send(line.to_owned());
+        return;
+    };
+    // A request waits for a listener, for a while. The queue stays locked until it is in, so that
+    // a GET stream opening meanwhile gets it (see `event_stream`).
+    let mut queue = lock(&conn.unheard);
+    if let Err(broadcast::error::SendError(line)) = events.send(line.to_owned()) {
+        unheard(conn, &mut queue, id, line);
     }
 }
 
 /// Keeps a request of the process's that no agent could hear for the next GET stream; answers
 /// the process with an error if none comes in time.
-fn unheard(conn: &Arc<Conn>, id: Value, line: String) {
+fn unheard(conn: &Arc<Conn>, queue: &mut Unheard, id: &Value, line: String) {
     let error = jsonrpc::error_message(
         Some(&id.to_string()),
         jsonrpc::INTERNAL_ERROR,
         "no agent can answer: none is connected to receive this request",
     );
-    let mut queue = lock(&conn.unheard);
-    if queue.len() >= MAX_UNHEARD {
-        drop(queue);
-        let _ = conn.stdin.try_send(error);
+    if queue.requests.len() >= MAX_UNHEARD {
+        let stdin = conn.stdin.clone();
+        tokio::spawn(async move {
+            let _ = stdin.send(error).await;
+        });
         return;
     }
-    queue.push_back((id.clone(), line));
-    drop(queue);
+    let number = queue.next;
+    queue.next += 1;
+    queue.requests.push_back((number, line));
     let conn = conn.clone();
     tokio::spawn(async move {
         tokio::time::sleep(UNHEARD_TIMEOUT).await;
         let still_unheard = {
             let mut queue = lock(&conn.unheard);
-            let at = queue.iter().position(|(i, _)| *i == id);
-            at.and_then(|at| queue.remove(at)).is_some()
+            let at = queue.requests.iter().position(|(n, _)| *n == number);
+            at.and_then(|at| queue.requests.remove(at)).is_some()
         };
         if still_unheard {
             let _ = conn.stdin.send(error).await;
