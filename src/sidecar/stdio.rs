@@ -532,21 +532,21 @@ fn retarget_cancellation(conn: &Conn, msg: &mut Map<String, Value>, session: Opt
     }
 }
 
-/// Removes a request's `params._meta.progressToken`, if it has one.
+/// A request's `params._meta`, where its progress token is.
+fn meta(msg: &mut Map<String, Value>) -> Option<&mut Map<String, Value>> {
+    msg.get_mut("params")?.get_mut("_meta")?.as_object_mut()
+}
+
+/// Removes a request's progress token, if it has one.
 fn drop_progress_token(msg: &mut Map<String, Value>) {
-    let meta = msg
-        .get_mut("params")
-        .and_then(|p| p.get_mut("_meta"))
-        .and_then(Value::as_object_mut);
-    if let Some(meta) = meta {
+    if let Some(meta) = meta(msg) {
         meta.remove("progressToken");
     }
 }
 
-/// Replaces a request's `params._meta.progressToken` with `internal`, returning the agent's.
+/// Replaces a request's progress token with `internal`, returning the agent's.
 fn swap_progress_token(msg: &mut Map<String, Value>, internal: u64) -> Option<Value> {
-    let meta = msg.get_mut("params")?.get_mut("_meta")?.as_object_mut()?;
-    let token = meta.get_mut("progressToken")?;
+    let token = meta(msg)?.get_mut("progressToken")?;
     Some(std::mem::replace(token, Value::from(internal)))
 }
 

@@ -124,13 +124,7 @@ mod tests {
 
     #[test]
     fn compiled_globs_agree_with_the_definition() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut rand = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rand = crate::testing::rand(0x2545_f491_4f6c_dd1du64);
         let mut word = |alphabet: &[char]| -> Vec<char> {
             (0..rand(7))
                 .map(|_| alphabet[rand(alphabet.len())])

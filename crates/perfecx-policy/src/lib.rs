@@ -49,6 +49,8 @@ mod model;
 mod normalize;
 pub mod sensitive;
 pub mod suite;
+#[cfg(test)]
+mod testing;
 
 pub use compile::{Limit, Limits, PROMPT_INJECTION_PACK, PolicyInfo, PolicySet};
 pub use decode::{MAX_DOCUMENT_BYTES, parse_policy};

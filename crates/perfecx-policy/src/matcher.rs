@@ -244,13 +244,7 @@ mod tests {
 
     #[test]
     fn lanes_report_every_occurrence_once_wherever_the_cuts_fall() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rand = crate::testing::rand(0x9e37_79b9_7f4a_7c15u64);
         let alphabet = b"abAB -\xc3\xa9";
         for round in 0..300 {
             let patterns: Vec<String> = (0..1 + rand(8))
