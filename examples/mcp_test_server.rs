@@ -1,6 +1,7 @@
 //! A small MCP server over stdio, for trying `mcp_command` upstreams and for the end-to-end
 //! tests: `add`, `echo`, `shell` (harmless: it only echoes), `slow`, `progress`, `roots`,
-//! `changed`, `initialized`, `leak`, `fail` (an `isError` result) and `crash`.
+//! `impatient`, `changed`, `initialized`, `initializations`, `leak`, `fail` (an `isError`
+//! result) and `crash`.
 //!
 //! ```sh
 //! cargo build --example mcp_test_server

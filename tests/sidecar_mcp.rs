@@ -413,17 +413,8 @@ fn stream_messages(body: &str) -> Vec<serde_json::Value> {
 /// A sidecar running the test server over stdio as `local`, initialized over raw HTTP; and the
 /// URL to post MCP messages to.
 async fn initialized_stdio_sidecar() -> (Sidecar, String) {
-    let exe = stdio_server_path();
-    let sidecar = Sidecar::start(
-        &[("safety.yaml", SAFETY)],
-        &format!("  - name: local\n    mcp_command: [{}]\n", exe.display()),
-    )
-    .await;
-    let url = sidecar.mcp_url("local");
-    let init = json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
-        "protocolVersion": "2025-06-18", "capabilities": {},
-        "clientInfo": {"name": "raw", "version": "1"}}});
-    post_mcp(&url, init).await;
+    let (sidecar, url) = stdio_sidecar().await;
+    post_mcp(&url, initialize_as("raw")).await;
     let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
     post_mcp(&url, note).await;
     (sidecar, url)
@@ -795,5 +786,146 @@ async fn progress_tokens_of_an_agent_that_takes_only_json_reach_no_one() {
         "X got J's progress: {x}"
     );
     assert!(x.contains("\"done\""), "{x}");
+    sidecar.stop().await;
+}
+
+/// An `initialize` as the agent `client` sends it.
+fn initialize_as(client: &str) -> serde_json::Value {
+    json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {},
+        "clientInfo": {"name": client, "version": "1"}}})
+}
+
+/// A sidecar running the test server over stdio as `local`, not yet initialized; and the URL to
+/// post MCP messages to.
+async fn stdio_sidecar() -> (Sidecar, String) {
+    let exe = stdio_server_path();
+    let sidecar = Sidecar::start(
+        &[("safety.yaml", SAFETY)],
+        &format!("  - name: local\n    mcp_command: [{}]\n", exe.display()),
+    )
+    .await;
+    let url = sidecar.mcp_url("local");
+    (sidecar, url)
+}
+
+/// How many times the test server behind `url` was asked to initialize.
+async fn initializations(url: &str) -> String {
+    let call = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
+        "name": "initializations", "arguments": {}}});
+    let (_, body) = post_mcp(url, call).await;
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    answer["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{body}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_that_initialize_at_once_initialize_the_stdio_server_once() {
+    let (sidecar, url) = stdio_sidecar().await;
+    // The server takes half a second to answer the first agent; the second comes meanwhile.
+    let first = tokio::spawn(post_mcp_owned(url.clone(), initialize_as("slow")));
+    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let (_, second) = post_mcp(&url, initialize_as("quick")).await;
+    let (_, first) = tokio::time::timeout(PATIENCE, first)
+        .await
+        .unwrap()
+        .unwrap();
+    for answer in [&first, &second] {
+        assert!(answer.contains("\"serverInfo\""), "{answer}");
+    }
+    post_mcp(
+        &url,
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await;
+    assert_eq!(initializations(&url).await, "1");
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initialize_answered_after_its_agent_hung_up_is_kept_for_the_next_agent() {
+    let (sidecar, url) = stdio_sidecar().await;
+    // The first agent gives up before the server answers.
+    let gave_up = reqwest::Client::new()
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(initialize_as("slow").to_string())
+        .timeout(std::time::Duration::from_millis(100))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "{gave_up:?}");
+    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    let (_, answer) = post_mcp(&url, initialize_as("next")).await;
+    assert!(answer.contains("\"serverInfo\""), "{answer}");
+    post_mcp(
+        &url,
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await;
+    assert_eq!(initializations(&url).await, "1");
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_whose_get_stream_closed_unanswered_is_asked_on_the_next() {
+    let (sidecar, url) = initialized_stdio_sidecar().await;
+    let mut first = open_get_stream(&url).await;
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "roots", "arguments": {}}});
+    // An agent that takes only JSON: the question goes to the GET stream.
+    let asked = tokio::spawn(post_json_only(url.clone(), call));
+    let mut heard = String::new();
+    let question = read_until_roots_question(&mut first, &mut heard).await;
+    // The agent's stream breaks before it answers, and it opens another at once.
+    drop(first);
+    let mut second = open_get_stream(&url).await;
+    let mut heard = String::new();
+    let again = read_until_roots_question(&mut second, &mut heard).await;
+    assert_eq!(again, question);
+    let reply = json!({"jsonrpc": "2.0", "id": question["id"], "result": {
+        "roots": [{"uri": "file:///srv", "name": "srv"}]}});
+    post_mcp(&url, reply.clone()).await;
+    // A second answer, as from another agent that heard it too, goes nowhere.
+    let (_, accepted) = post_mcp(&url, reply).await;
+    assert_eq!(accepted, "");
+    let body = tokio::time::timeout(PATIENCE, asked)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(body.contains("1 roots"), "{body}");
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_server_that_gives_up_on_its_question_says_so_where_it_asked() {
+    let (sidecar, url) = initialized_stdio_sidecar().await;
+    // Another agent listens on its GET stream: the cancellation is not for it.
+    let mut listening = open_get_stream(&url).await;
+    let call = json!({"jsonrpc": "2.0", "id": 4, "method": "tools/call", "params": {
+        "name": "impatient", "arguments": {}}});
+    let mut res = event_stream_answer(&url, call).await;
+    let mut body = String::new();
+    let question = read_until_roots_question(&mut res, &mut body).await;
+    let rest = tokio::time::timeout(PATIENCE, res.text())
+        .await
+        .expect("the call is answered")
+        .unwrap();
+    let msgs = stream_messages(&rest);
+    assert_eq!(msgs[0]["method"], "notifications/cancelled", "{rest}");
+    assert_eq!(msgs[0]["params"]["requestId"], question["id"], "{rest}");
+    let last = msgs.last().unwrap();
+    assert_eq!(last["id"], 4, "{rest}");
+    let text = last["result"]["content"][0]["text"].as_str().unwrap();
+    assert!(text.starts_with("gave up"), "{rest}");
+    // Answered late, the question is not the process's any more: the answer goes nowhere.
+    let reply = json!({"jsonrpc": "2.0", "id": question["id"], "result": {"roots": []}});
+    let (_, accepted) = post_mcp(&url, reply).await;
+    assert_eq!(accepted, "");
+    let heard =
+        tokio::time::timeout(std::time::Duration::from_millis(300), listening.chunk()).await;
+    assert!(heard.is_err(), "the GET stream heard {heard:?}");
     sidecar.stop().await;
 }

@@ -14,9 +14,13 @@
 //! its other notifications (a tool list that changed, ...), to every GET stream. A POST is
 //! answered with plain JSON unless such a message, or progress, comes with its answers.
 //!
-//! A request of the process's that reaches no agent (none waits, none has a GET stream open, as
+//! Each request of the process's is kept until an agent answers it, and only the first answer
+//! reaches the process. One that reaches no agent (none waits, none has a GET stream open, as
 //! when a server asks for the roots as soon as it is initialized) waits for the next GET stream,
-//! and after [`UNHEARD_TIMEOUT`] the process is answered with an error rather than left waiting.
+//! and after [`UNHEARD_TIMEOUT`] the process is answered with an error rather than left waiting;
+//! so does one whose GET streams all closed before it was answered. One whose POST hung up
+//! unanswered is answered with an error. The process's cancellation of one of its requests goes
+//! where the request went.
 //!
 //! `initialize` gets an `Mcp-Session-Id`, without which some clients (the Python SDK's) open no
 //! GET stream. The process is shared, so a session holds no state of its own; its id only tells
@@ -66,6 +70,9 @@ const UNHEARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Such requests kept at most; the process is answered at once beyond that.
 const MAX_UNHEARD: usize = 64;
 
+/// The process's requests kept until answered, at most; the oldest is forgotten beyond that.
+const MAX_ASKED: usize = 1024;
+
 /// Messages for one POST (progress, the process's own) that may wait to be sent; beyond that,
 /// progress is dropped and the process's own messages go to the GET streams.
 const PROGRESS_BUFFER: usize = 64;
@@ -85,17 +92,87 @@ struct Conn {
     next_waiting: AtomicU64,
     /// The process's requests that no agent could hear yet.
     unheard: Mutex<Unheard>,
+    /// The process's requests that no agent has answered yet, oldest first.
+    asked: Mutex<VecDeque<Asked>>,
     /// Whether the process was sent `notifications/initialized`: once, by the first agent (or
     /// the replay after a restart); the agents after it share the initialized process.
     initialized: AtomicBool,
+    /// The `initialize` requests in flight, by internal id, with their params: the first answer
+    /// is cached (in `init`) as the process gives it, whether or not its agent is still there.
+    initializing: Mutex<HashMap<u64, Value>>,
+    init: Arc<Mutex<Option<InitCache>>>,
 }
 
 /// Requests of the process's that no agent could hear yet, oldest first, each with a number of
 /// its own (the process may use an id again once it is answered).
 #[derive(Default)]
 struct Unheard {
-    requests: VecDeque<(u64, String)>,
+    requests: VecDeque<Queued>,
     next: u64,
+}
+
+struct Queued {
+    number: u64,
+    /// The request's id, as JSON text.
+    id: String,
+    line: String,
+}
+
+/// A request of the process's that no agent has answered yet.
+struct Asked {
+    /// Its id, as JSON text.
+    id: String,
+    /// The request as the process wrote it, to ask it again.
+    line: String,
+    to: To,
+}
+
+/// Where a request of the process's went.
+#[derive(Clone, PartialEq)]
+enum To {
+    /// On the answer to the POST with this key in [`Conn::waiting`].
+    Post(u64),
+    /// To these GET streams (by number), which may answer it; none: it waits in the queue.
+    Streams(Vec<u64>),
+}
+
+/// The agents' GET streams of one server's messages; they outlive its processes.
+struct Streams {
+    events: broadcast::Sender<String>,
+    /// The numbers of the streams open. Changed, as the streams subscribe and go, with the
+    /// queue of unheard requests locked, so that it tells who hears a request broadcast then.
+    open: Mutex<Vec<u64>>,
+    next: AtomicU64,
+}
+
+impl Conn {
+    fn new(stdin: mpsc::Sender<String>, init: Arc<Mutex<Option<InitCache>>>) -> Conn {
+        Conn {
+            stdin,
+            pending: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
+            agent_ids: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
+            next_waiting: AtomicU64::new(0),
+            unheard: Mutex::default(),
+            asked: Mutex::default(),
+            initialized: AtomicBool::new(false),
+            initializing: Mutex::new(HashMap::new()),
+            init,
+        }
+    }
+
+    /// Writes a message to the process without waiting: from a place that cannot wait, or
+    /// must not wait on a process that is slow to read.
+    fn tell(&self, line: String) {
+        // Otherwise sent, or the process is gone and its requests with it.
+        if let Err(mpsc::error::TrySendError::Full(line)) = self.stdin.try_send(line)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let stdin = self.stdin.clone();
+            rt.spawn(async move { stdin.send(line).await });
+        }
+    }
 }
 
 struct InitCache {
@@ -108,8 +185,11 @@ pub struct StdioServer {
     conn: watch::Sender<Option<Arc<Conn>>>,
     next_id: AtomicU64,
     init: Arc<Mutex<Option<InitCache>>>,
-    /// Messages the server sends on its own (requests, notifications), for GET streams.
-    events: broadcast::Sender<String>,
+    /// Held by an uncached `initialize` until it is answered: an agent that initializes at the
+    /// same moment then gets the cached answer instead of initializing the process again.
+    init_turn: Arc<tokio::sync::Mutex<()>>,
+    /// Where the messages the server sends on its own (requests, notifications) go.
+    streams: Arc<Streams>,
 }
 
 impl StdioServer {
@@ -127,7 +207,12 @@ impl StdioServer {
             conn: watch::Sender::new(None),
             next_id: AtomicU64::new(1),
             init: Arc::new(Mutex::new(None)),
-            events: broadcast::channel(256).0,
+            init_turn: Arc::default(),
+            streams: Arc::new(Streams {
+                events: broadcast::channel(256).0,
+                open: Mutex::default(),
+                next: AtomicU64::new(0),
+            }),
         });
         let task = tokio::spawn(supervise(
             server.clone(),
@@ -190,6 +275,7 @@ impl StdioServer {
             conn: conn.clone(),
             ids: Vec::new(),
             waiting: None,
+            answered: false,
         };
         // Progress and the process's own messages can only reach an agent that accepts an
         // event stream as the answer.
@@ -221,23 +307,28 @@ impl StdioServer {
             match (method.as_deref(), id) {
                 (Some("initialize"), Some(id)) => {
                     initialize = true;
+                    // Not for ever: a process that never answers must not keep every agent out.
+                    let turn = self.init_turn.clone().lock_owned();
+                    let turn = tokio::time::timeout(WAIT_FOR_PROCESS, turn).await.ok();
                     let cached = self.lock_init().as_ref().map(|c| c.result.clone());
                     if let Some(result) = cached {
                         answers.push(jsonrpc::result_message(&id.to_string(), &result));
                         continue;
                     }
                     let params = msg.get("params").cloned().unwrap_or(Value::Null);
-                    let rx = self
-                        .forward(&conn, &mut guard, &mut msg, None, None)
-                        .await?;
-                    waits.push((id, rx, Some(params)));
+                    let (internal, rx) = self.register(&conn, &mut guard, &mut msg, None, None);
+                    lock(&conn.initializing).insert(internal, params);
+                    self.write(&conn, msg).await?;
+                    waits.push((id, rx, turn));
                 }
                 (Some(_), Some(id)) => {
                     let (progress, session) = (stream_tx.as_ref(), session.clone());
-                    let rx = self
-                        .forward(&conn, &mut guard, &mut msg, progress, session)
-                        .await?;
+                    let (_, rx) = self.register(&conn, &mut guard, &mut msg, progress, session);
+                    self.write(&conn, msg).await?;
                     waits.push((id, rx, None));
+                }
+                (None, Some(id)) if !take_question(&conn, &id) => {
+                    tracing::debug!(upstream = %self.name, %id, "dropping an answer to no question of the process's in flight: answered already, or never asked");
                 }
                 (Some("notifications/initialized"), None)
                     if conn.initialized.swap(true, Ordering::Relaxed) =>
@@ -251,13 +342,7 @@ impl StdioServer {
                     // another agent's request that has it as its internal id.
                     tracing::debug!(upstream = %self.name, "dropping a cancellation of no request in flight");
                 }
-                _ => {
-                    let line = Value::Object(msg).to_string();
-                    conn.stdin
-                        .send(line)
-                        .await
-                        .map_err(|_| self.failed("the tool process exited"))?;
-                }
+                _ => self.write(&conn, msg).await?,
             }
         }
         let listening = stream_tx.is_some() && !waits.is_empty();
@@ -279,18 +364,20 @@ impl StdioServer {
     /// or with them (`listening`: the agent takes an event stream, and answers are awaited).
     async fn answer_post(
         &self,
-        guard: PendingGuard,
+        mut guard: PendingGuard,
         waits: Vec<Wait>,
         answered: Vec<String>,
         batch: bool,
         listening: bool,
         mut messages: mpsc::Receiver<String>,
     ) -> Response<Body> {
-        let (name, init) = (self.name.clone(), self.init.clone());
+        let name = self.name.clone();
         let mut answers = Box::pin(async move {
             let mut all = answered;
-            for (id, rx, init_params) in waits {
-                all.push(answer(&name, &init, id, rx, init_params).await);
+            for (id, rx, turn) in waits {
+                all.push(answer(&name, id, rx).await);
+                // Answered and cached: the next `initialize` gets the cached answer.
+                drop(turn);
             }
             all
         });
@@ -307,6 +394,7 @@ impl StdioServer {
             Ok(all) => all,
             Err(first) => return event_stream_answer(guard, answers, first, messages),
         };
+        guard.answered = true;
         drop(guard);
         // A message queued just before the answers, or with them, goes first.
         messages.close();
@@ -327,16 +415,17 @@ impl StdioServer {
         rescue::json_response(StatusCode::OK, jsonrpc::join(&answers, batch))
     }
 
-    /// Renumbers a request (and its progress token, when there is somewhere to send its
-    /// progress), registers it and writes it to the process.
-    async fn forward(
+    /// Renumbers a request (and its progress token, when there is somewhere to send its progress)
+    /// and registers it, before it is written: the answer may come at once. Returns its internal id
+    /// and where its answer will come.
+    fn register(
         &self,
         conn: &Conn,
         guard: &mut PendingGuard,
         msg: &mut Map<String, Value>,
         progress: Option<&mpsc::Sender<String>>,
         session: Option<String>,
-    ) -> Result<oneshot::Receiver<Map<String, Value>>, UpstreamFailed> {
+    ) -> (u64, oneshot::Receiver<Map<String, Value>>) {
         let internal = self.next_id.fetch_add(1, Ordering::Relaxed);
         if let Some(agent_id) = msg.insert("id".into(), Value::from(internal)) {
             lock(&conn.agent_ids).insert(internal, (session, agent_id));
@@ -350,15 +439,18 @@ impl StdioServer {
                     lock(&conn.progress).insert(internal, (token, progress.clone()));
                 }
             }
-            // Its progress could reach the agent nowhere, and its token, passed on as it is,
-            // could be taken for another request's internal id.
+            // Its progress could reach the agent nowhere, and its token, passed on as it is, could
+            // be taken for another request's internal id.
             None => drop_progress_token(msg),
         }
+        (internal, rx)
+    }
+
+    async fn write(&self, conn: &Conn, msg: Map<String, Value>) -> Result<(), UpstreamFailed> {
         conn.stdin
-            .send(Value::Object(std::mem::take(msg)).to_string())
+            .send(Value::Object(msg).to_string())
             .await
-            .map_err(|_| self.failed("the tool process exited"))?;
-        Ok(rx)
+            .map_err(|_| self.failed("the tool process exited"))
     }
 
     /// The running process, waiting a while for one that is (re)starting.
@@ -374,36 +466,87 @@ impl StdioServer {
     }
 
     fn event_stream(&self) -> Response<Body> {
-        // Subscribed with the queue locked, as `dispatch` broadcasts a request and queues it if
-        // nobody heard: the request comes either way, once.
-        let (rx, unheard) = match self.conn.borrow().as_ref() {
+        let conn = self.conn.borrow().clone();
+        let number = self.streams.next.fetch_add(1, Ordering::Relaxed);
+        // Subscribed with the queue locked, as `ask_streams` broadcasts a request or queues it:
+        // the request comes either way, once.
+        let (rx, unheard) = match &conn {
             Some(conn) => {
                 let mut queue = lock(&conn.unheard);
-                let rx = self.events.subscribe();
-                let unheard: Vec<String> = queue.requests.drain(..).map(|(_, m)| m).collect();
-                (rx, unheard)
+                let rx = self.streams.events.subscribe();
+                lock(&self.streams.open).push(number);
+                let unheard: Vec<Queued> = queue.requests.drain(..).collect();
+                let mut asked = lock(&conn.asked);
+                for a in asked.iter_mut() {
+                    if unheard.iter().any(|q| q.id == a.id) {
+                        a.to = To::Streams(vec![number]);
+                    }
+                }
+                (rx, unheard.into_iter().map(|q| q.line).collect())
             }
-            None => (self.events.subscribe(), Vec::new()),
+            None => {
+                lock(&self.streams.open).push(number);
+                (self.streams.events.subscribe(), Vec::new())
+            }
         };
         let unheard = futures_util::stream::iter(unheard)
             .map(|msg| Ok::<_, std::convert::Infallible>(Bytes::from(sse::message_event(&msg))));
-        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-            loop {
-                match rx.recv().await {
-                    Ok(msg) => {
-                        let chunk = Bytes::from(sse::message_event(&msg));
-                        return Some((Ok::<_, std::convert::Infallible>(chunk), rx));
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                }
-            }
+        let listener = Listener {
+            number,
+            rx: Some(rx),
+            conn: self.conn.subscribe(),
+            streams: self.streams.clone(),
+        };
+        let stream = futures_util::stream::unfold(listener, |mut listener| async move {
+            let chunk = listener.next().await?;
+            Some((Ok::<_, std::convert::Infallible>(chunk), listener))
         });
         event_stream_response(Body::from_stream(unheard.chain(stream)))
     }
 
     fn lock_init(&self) -> std::sync::MutexGuard<'_, Option<InitCache>> {
         lock(&self.init)
+    }
+}
+
+/// One agent's GET stream of the process's messages.
+struct Listener {
+    number: u64,
+    /// Taken when the stream ends.
+    rx: Option<broadcast::Receiver<String>>,
+    conn: watch::Receiver<Option<Arc<Conn>>>,
+    streams: Arc<Streams>,
+}
+
+impl Listener {
+    /// The next event, or `None` once the server is gone.
+    async fn next(&mut self) -> Option<Bytes> {
+        loop {
+            match self.rx.as_mut()?.recv().await {
+                Ok(msg) => return Some(Bytes::from(sse::message_event(&msg))),
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // Messages were missed; the requests among them are sent again.
+                    let conn = self.conn.borrow().clone();
+                    let again = conn.map(|c| questions_heard_by(&c, self.number));
+                    let again = again.unwrap_or_default();
+                    if !again.is_empty() {
+                        let events = again.iter().flat_map(|m| sse::message_event(m));
+                        return Some(events.collect::<Vec<u8>>().into());
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        let conn = self.conn.borrow().clone();
+        match conn {
+            Some(conn) => stream_closed(&conn, &self.streams, self.number, self.rx.take()),
+            None => lock(&self.streams.open).retain(|n| *n != self.number),
+        }
     }
 }
 
@@ -414,7 +557,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Answers a POST with an event stream: `first`, then the messages for it as they come, then
 /// the answers. The agent hanging up forgets the requests.
 fn event_stream_answer(
-    guard: PendingGuard,
+    mut guard: PendingGuard,
     mut answers: Pin<Box<impl Future<Output = Vec<String>> + Send + 'static>>,
     first: String,
     mut messages: mpsc::Receiver<String>,
@@ -439,6 +582,7 @@ fn event_stream_answer(
         };
         // No longer waiting: the process's next messages go elsewhere, while those queued,
         // written before or with the answers, go first.
+        guard.answered = true;
         drop(guard);
         messages.close();
         while let Some(m) = messages.recv().await {
@@ -468,26 +612,18 @@ fn event_stream_response(body: Body) -> Response<Body> {
     res
 }
 
-/// A forwarded request: the agent's id, where its answer comes, and the `initialize` params to
-/// remember if it is one.
-type Wait = (Value, oneshot::Receiver<Map<String, Value>>, Option<Value>);
+/// A forwarded request: the agent's id, where its answer comes, and for an `initialize`, the
+/// turn it holds until it is answered.
+type Wait = (
+    Value,
+    oneshot::Receiver<Map<String, Value>>,
+    Option<tokio::sync::OwnedMutexGuard<()>>,
+);
 
 /// The answer to one forwarded request, under the agent's id.
-async fn answer(
-    name: &str,
-    init: &Mutex<Option<InitCache>>,
-    id: Value,
-    rx: oneshot::Receiver<Map<String, Value>>,
-    init_params: Option<Value>,
-) -> String {
+async fn answer(name: &str, id: Value, rx: oneshot::Receiver<Map<String, Value>>) -> String {
     match rx.await {
         Ok(mut reply) => {
-            if let (Some(params), Some(result)) = (init_params, reply.get("result")) {
-                *lock(init) = Some(InitCache {
-                    params,
-                    result: result.clone(),
-                });
-            }
             reply.insert("id".into(), id);
             Value::Object(reply).to_string()
         }
@@ -557,6 +693,8 @@ struct PendingGuard {
     ids: Vec<u64>,
     /// The key of the POST's entry in [`Conn::waiting`], if it has one.
     waiting: Option<u64>,
+    /// Whether the POST got its answers; if not, its agent hung up.
+    answered: bool,
 }
 
 impl Drop for PendingGuard {
@@ -578,6 +716,9 @@ impl Drop for PendingGuard {
         drop(agent_ids);
         if let Some(key) = self.waiting {
             lock(&self.conn.waiting).remove(&key);
+            if !self.answered {
+                abandon_questions(&self.conn, key);
+            }
         }
     }
 }
@@ -662,16 +803,7 @@ async fn run_once(
         return;
     };
     let (tx, mut rx) = mpsc::channel::<String>(64);
-    let conn = Arc::new(Conn {
-        stdin: tx,
-        pending: Mutex::new(HashMap::new()),
-        progress: Mutex::new(HashMap::new()),
-        agent_ids: Mutex::new(HashMap::new()),
-        waiting: Mutex::new(HashMap::new()),
-        next_waiting: AtomicU64::new(0),
-        unheard: Mutex::default(),
-        initialized: AtomicBool::new(false),
-    });
+    let conn = Arc::new(Conn::new(tx, server.init.clone()));
     let writer = tokio::spawn(async move {
         while let Some(mut line) = rx.recv().await {
             line.push('\n');
@@ -681,13 +813,13 @@ async fn run_once(
         }
     });
     let reader_conn = conn.clone();
-    let events = server.events.clone();
+    let streams = server.streams.clone();
     let name = server.name.clone();
     let mut reader = tokio::spawn(async move {
         let mut lines = FramedRead::new(stdout, LinesCodec::new_with_max_length(max_line));
         while let Some(line) = lines.next().await {
             match line {
-                Ok(line) => dispatch(&reader_conn, &events, &line),
+                Ok(line) => dispatch(&reader_conn, &streams, &line),
                 Err(LinesCodecError::MaxLineLengthExceeded) => {
                     tracing::warn!(upstream = %name, limit = max_line, "the tool process wrote a message larger than the limit");
                     // Its request cannot be told apart: fail all, rather than leave one hanging.
@@ -754,91 +886,251 @@ async fn replay_initialize(server: &StdioServer, conn: &Conn, params: Value) -> 
 /// Routes one line from the process: an answer to its caller, progress to the stream of the
 /// request it is about, a request or a log message of its own to the one POST waiting for
 /// answers, anything else to GET streams.
-fn dispatch(conn: &Arc<Conn>, events: &broadcast::Sender<String>, line: &str) {
+fn dispatch(conn: &Arc<Conn>, streams: &Streams, line: &str) {
     let Ok(mut msg) = serde_json::from_str::<Map<String, Value>>(line) else {
         tracing::debug!(line, "ignoring a line that is not a JSON-RPC message");
         return;
     };
-    let is_response = !msg.contains_key("method");
-    if is_response {
+    let method = msg.get("method").and_then(Value::as_str).map(str::to_owned);
+    let Some(method) = method else {
         if let Some(id) = msg.get("id").and_then(Value::as_u64) {
-            if let Some(tx) = lock(&conn.pending).remove(&id) {
-                let _ = tx.send(msg);
-            }
+            answered(conn, id, msg);
         }
         return;
+    };
+    match method.as_str() {
+        "notifications/progress" => {
+            let token = msg
+                .get_mut("params")
+                .and_then(|p| p.get_mut("progressToken"));
+            if let Some(token) = token {
+                let caller = token
+                    .as_u64()
+                    .and_then(|t| lock(&conn.progress).get(&t).cloned());
+                if let Some((original, tx)) = caller {
+                    *token = original;
+                    // Progress is advisory: a notification the agent is too slow for is dropped.
+                    let _ = tx.try_send(Value::Object(msg).to_string());
+                    return;
+                }
+            }
+        }
+        "notifications/cancelled" => {
+            let cancelled = msg.get("params").and_then(|p| p.get("requestId"));
+            if let Some(id) = cancelled {
+                cancel_question(conn, streams, &id.to_string(), line);
+                return;
+            }
+        }
+        _ => {}
     }
-    if msg.get("method").and_then(Value::as_str) == Some("notifications/progress") {
-        let token = msg
-            .get_mut("params")
-            .and_then(|p| p.get_mut("progressToken"));
-        if let Some(token) = token {
-            let caller = token
-                .as_u64()
-                .and_then(|t| lock(&conn.progress).get(&t).cloned());
-            if let Some((original, tx)) = caller {
-                *token = original;
-                // Progress is advisory: a notification the agent is too slow for is dropped.
-                let _ = tx.try_send(Value::Object(msg).to_string());
+    // Requests and log messages are about a request of some agent's, if any; other notifications
+    // (a tool list that changed, ...) are for every agent.
+    let id = msg.get("id").map(Value::to_string);
+    if id.is_some() || method == "notifications/message" {
+        let waiting = lock(&conn.waiting);
+        if let (1, Some((key, Some(post)))) = (waiting.len(), waiting.iter().next()) {
+            // Kept before it is sent: the agent may answer at once.
+            if let Some(id) = &id {
+                keep_question(conn, id, line, To::Post(*key));
+            }
+            if post.try_send(line.to_owned()).is_ok() {
                 return;
             }
         }
     }
-    // Requests and log messages are about a request of some agent's, if any; other notifications
-    // (a tool list that changed, ...) are for every agent.
-    let about_a_request = msg.contains_key("id")
-        || msg.get("method").and_then(Value::as_str) == Some("notifications/message");
-    if about_a_request {
-        let waiting = lock(&conn.waiting);
-        if let (1, Some(Some(post))) = (waiting.len(), waiting.values().next())
-            && post.try_send(line.to_owned()).is_ok()
-        {
-            return;
+    match id {
+        Some(id) => ask_streams(conn, streams, id, line.to_owned()),
+        // Nobody listening is fine for notifications: they are optional for the server to deliver.
+        None => {
+            let _ = streams.events.send(line.to_owned());
         }
     }
-    // Nobody listening is fine for notifications: they are optional for the server to deliver.
-    let Some(id) = msg.get("id") else {
-        let _ = events.send(line.to_owned());
-        return;
-    };
-    // A request waits for a listener, for a while. The queue stays locked until it is in, so that
-    // a GET stream opening meanwhile gets it (see `event_stream`).
+}
+
+/// Hands the process's answer to the request `internal` to its caller; the first answer to an
+/// `initialize` is cached.
+fn answered(conn: &Conn, internal: u64, msg: Map<String, Value>) {
+    let params = lock(&conn.initializing).remove(&internal);
+    if let (Some(params), Some(result)) = (params, msg.get("result")) {
+        let mut init = lock(&conn.init);
+        if init.is_none() {
+            *init = Some(InitCache {
+                params,
+                result: result.clone(),
+            });
+        }
+    }
+    if let Some(tx) = lock(&conn.pending).remove(&internal) {
+        let _ = tx.send(msg);
+    }
+}
+
+/// Keeps a request of the process's until an agent answers it.
+fn keep_question(conn: &Conn, id: &str, line: &str, to: To) {
+    let mut asked = lock(&conn.asked);
+    asked.retain(|a| a.id != id);
+    if asked.len() >= MAX_ASKED {
+        asked.pop_front();
+    }
+    asked.push_back(Asked {
+        id: id.to_owned(),
+        line: line.to_owned(),
+        to,
+    });
+}
+
+/// Forgets the process's request that an agent answers, saying whether it was still waiting
+/// for an answer (only the first answer reaches the process).
+fn take_question(conn: &Conn, id: &Value) -> bool {
+    let id = id.to_string();
     let mut queue = lock(&conn.unheard);
-    if let Err(broadcast::error::SendError(line)) = events.send(line.to_owned()) {
+    queue.requests.retain(|q| q.id != id);
+    let mut asked = lock(&conn.asked);
+    let at = asked.iter().position(|a| a.id == id);
+    at.and_then(|at| asked.remove(at)).is_some()
+}
+
+/// Asks the agents' GET streams a request of the process's; keeps it for the next stream if
+/// none is open.
+fn ask_streams(conn: &Arc<Conn>, streams: &Streams, id: String, line: String) {
+    // The queue stays locked until the request is in, so that a GET stream opening meanwhile gets
+    // it (see `event_stream`).
+    let mut queue = lock(&conn.unheard);
+    let open = lock(&streams.open).clone();
+    keep_question(conn, &id, &line, To::Streams(open.clone()));
+    if open.is_empty() || streams.events.send(line.clone()).is_err() {
         unheard(conn, &mut queue, id, line);
     }
 }
 
 /// Keeps a request of the process's that no agent could hear for the next GET stream; answers
 /// the process with an error if none comes in time.
-fn unheard(conn: &Arc<Conn>, queue: &mut Unheard, id: &Value, line: String) {
-    let error = jsonrpc::error_message(
-        Some(&id.to_string()),
-        jsonrpc::INTERNAL_ERROR,
-        "no agent can answer: none is connected to receive this request",
-    );
+fn unheard(conn: &Arc<Conn>, queue: &mut Unheard, id: String, line: String) {
     if queue.requests.len() >= MAX_UNHEARD {
-        let stdin = conn.stdin.clone();
-        tokio::spawn(async move {
-            let _ = stdin.send(error).await;
-        });
+        refuse_question(conn, &id, "none is connected to receive this request");
         return;
     }
     let number = queue.next;
     queue.next += 1;
-    queue.requests.push_back((number, line));
+    queue.requests.push_back(Queued { number, id, line });
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
     let conn = conn.clone();
-    tokio::spawn(async move {
+    rt.spawn(async move {
         tokio::time::sleep(UNHEARD_TIMEOUT).await;
         let still_unheard = {
             let mut queue = lock(&conn.unheard);
-            let at = queue.requests.iter().position(|(n, _)| *n == number);
-            at.and_then(|at| queue.requests.remove(at)).is_some()
+            let at = queue.requests.iter().position(|q| q.number == number);
+            at.and_then(|at| queue.requests.remove(at))
         };
-        if still_unheard {
-            let _ = conn.stdin.send(error).await;
+        if let Some(q) = still_unheard {
+            refuse_question(&conn, &q.id, "none is connected to receive this request");
         }
     });
+}
+
+/// Answers a request of the process's with an error that says why no agent can answer it.
+fn refuse_question(conn: &Conn, id: &str, why: &str) {
+    let mut asked = lock(&conn.asked);
+    let at = asked.iter().position(|a| a.id == id);
+    if at.and_then(|at| asked.remove(at)).is_none() {
+        // Answered meanwhile.
+        return;
+    }
+    drop(asked);
+    let message = format!("no agent can answer: {why}");
+    conn.tell(jsonrpc::error_message(
+        Some(id),
+        jsonrpc::INTERNAL_ERROR,
+        &message,
+    ));
+}
+
+/// Answers with an error the process's requests that went on the answer to the POST `key`,
+/// whose agent hung up before it could answer them.
+fn abandon_questions(conn: &Conn, key: u64) {
+    let ids: Vec<String> = lock(&conn.asked)
+        .iter()
+        .filter(|a| a.to == To::Post(key))
+        .map(|a| a.id.clone())
+        .collect();
+    for id in ids {
+        refuse_question(conn, &id, "the agent it was sent to hung up");
+    }
+}
+
+/// Forgets the GET stream `number`, which has closed. The requests it was asked that no agent
+/// answered, and that no other stream open heard, are asked again: of the streams open now, or
+/// of the next one (see [`unheard`]).
+fn stream_closed(
+    conn: &Arc<Conn>,
+    streams: &Streams,
+    number: u64,
+    rx: Option<broadcast::Receiver<String>>,
+) {
+    let mut queue = lock(&conn.unheard);
+    let open = {
+        let mut open = lock(&streams.open);
+        open.retain(|n| *n != number);
+        drop(rx);
+        open.clone()
+    };
+    let mut again = Vec::new();
+    for a in lock(&conn.asked).iter_mut() {
+        if let To::Streams(heard) = &mut a.to
+            && heard.contains(&number)
+        {
+            heard.retain(|n| *n != number);
+            if heard.is_empty() {
+                a.to = To::Streams(open.clone());
+                again.push((a.id.clone(), a.line.clone()));
+            }
+        }
+    }
+    for (id, line) in again {
+        if open.is_empty() || streams.events.send(line.clone()).is_err() {
+            unheard(conn, &mut queue, id, line);
+        }
+    }
+}
+
+/// The process's requests that the GET stream `number` was asked and no agent has answered yet.
+fn questions_heard_by(conn: &Conn, number: u64) -> Vec<String> {
+    lock(&conn.asked)
+        .iter()
+        .filter(|a| matches!(&a.to, To::Streams(heard) if heard.contains(&number)))
+        .map(|a| a.line.clone())
+        .collect()
+}
+
+/// Routes the process's cancellation of its request `id` (JSON text) the way the request went,
+/// and forgets the request. A request nobody heard is taken back, and its cancellation goes
+/// nowhere; so does one of a request no longer waiting for an answer.
+fn cancel_question(conn: &Conn, streams: &Streams, id: &str, line: &str) {
+    let waiting = lock(&conn.waiting);
+    let mut queue = lock(&conn.unheard);
+    let mut asked = lock(&conn.asked);
+    let Some(at) = asked.iter().position(|a| a.id == id) else {
+        return;
+    };
+    let post = match asked.remove(at).map(|a| a.to) {
+        Some(To::Post(key)) => Some(key),
+        _ => None,
+    };
+    drop(asked);
+    let queued = queue.requests.iter().position(|q| q.id == id);
+    if queued.and_then(|at| queue.requests.remove(at)).is_some() {
+        return;
+    }
+    drop(queue);
+    if let Some(Some(post)) = post.and_then(|key| waiting.get(&key))
+        && post.try_send(line.to_owned()).is_ok()
+    {
+        return;
+    }
+    let _ = streams.events.send(line.to_owned());
 }
 
 fn kill_group(pid: Option<u32>) {
@@ -850,4 +1142,57 @@ fn kill_group(pid: Option<u32>) {
         nix::unistd::Pid::from_raw(pid),
         nix::sys::signal::Signal::SIGKILL,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> (Arc<Conn>, mpsc::Receiver<String>) {
+        let (stdin, written) = mpsc::channel(8);
+        (Arc::new(Conn::new(stdin, Arc::default())), written)
+    }
+
+    fn post_guard(conn: &Arc<Conn>, key: u64, answered: bool) -> PendingGuard {
+        lock(&conn.waiting).insert(key, None);
+        PendingGuard {
+            conn: conn.clone(),
+            ids: Vec::new(),
+            waiting: Some(key),
+            answered,
+        }
+    }
+
+    const QUESTION: &str = r#"{"jsonrpc":"2.0","id":7,"method":"roots/list"}"#;
+
+    #[test]
+    fn only_the_first_answer_to_a_question_reaches_the_process() {
+        let (conn, _) = conn();
+        keep_question(&conn, "7", QUESTION, To::Streams(vec![1, 2]));
+        // Ids are compared as JSON: "7" is another request's.
+        assert!(!take_question(&conn, &Value::from("7")));
+        assert!(take_question(&conn, &Value::from(7)));
+        assert!(!take_question(&conn, &Value::from(7)));
+    }
+
+    #[tokio::test]
+    async fn a_question_whose_post_hung_up_gets_an_error_and_no_other() {
+        let (conn, mut written) = conn();
+        keep_question(&conn, "7", QUESTION, To::Post(3));
+        keep_question(&conn, "8", QUESTION, To::Streams(vec![1]));
+        drop(post_guard(&conn, 3, false));
+        let told: Value = serde_json::from_str(&written.recv().await.unwrap()).unwrap();
+        assert_eq!(told["id"], 7);
+        let message = told["error"]["message"].as_str().unwrap();
+        assert!(message.contains("hung up"), "{message}");
+        assert!(written.try_recv().is_err());
+        assert!(!take_question(&conn, &Value::from(7)));
+        assert!(take_question(&conn, &Value::from(8)));
+
+        // A POST that got its answers leaves its questions for its agent to answer.
+        keep_question(&conn, "9", QUESTION, To::Post(4));
+        drop(post_guard(&conn, 4, true));
+        assert!(written.try_recv().is_err());
+        assert!(take_question(&conn, &Value::from(9)));
+    }
 }

@@ -3,12 +3,13 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rmcp::handler::server::{router::tool::ToolRouter, wrapper::Parameters};
 use rmcp::model::{
-    CallToolResult, ContentBlock, ProgressNotificationParam, ServerCapabilities, ServerConfig,
+    CallToolResult, ContentBlock, InitializeRequestParams, InitializeResult,
+    ProgressNotificationParam, ServerCapabilities, ServerConfig,
 };
 use rmcp::service::{NotificationContext, RequestContext};
 use rmcp::{RoleServer, ServerHandler, schemars, tool, tool_handler, tool_router};
@@ -39,6 +40,8 @@ pub struct TestTools {
     tool_router: ToolRouter<Self>,
     /// Whether the client sent `notifications/initialized`.
     initialized: Arc<AtomicBool>,
+    /// How many `initialize` requests came.
+    initializations: Arc<AtomicU64>,
 }
 
 impl TestTools {
@@ -46,6 +49,7 @@ impl TestTools {
         Self {
             tool_router: Self::tool_router(),
             initialized: Arc::default(),
+            initializations: Arc::default(),
         }
     }
 }
@@ -111,6 +115,26 @@ impl TestTools {
         }
     }
 
+    #[tool(description = "Ask the client for its roots, and give up after 300 ms")]
+    #[allow(deprecated)]
+    async fn impatient(&self, ctx: RequestContext<RoleServer>) -> String {
+        use rmcp::model::{ListRootsRequest, ServerRequest};
+        use rmcp::service::PeerRequestOptions;
+        let request = ServerRequest::ListRootsRequest(ListRootsRequest {
+            method: Default::default(),
+            extensions: Default::default(),
+        });
+        let options = PeerRequestOptions::with_timeout(Duration::from_millis(300));
+        match ctx.peer.send_request_with_option(request, options).await {
+            // rmcp tells the client that it gave up, with `notifications/cancelled`.
+            Ok(asked) => match asked.await_response().await {
+                Ok(_) => "answered".into(),
+                Err(e) => format!("gave up: {e}"),
+            },
+            Err(e) => format!("could not ask: {e}"),
+        }
+    }
+
     #[tool(description = "Say that the tool list changed")]
     async fn changed(&self, ctx: RequestContext<RoleServer>) -> String {
         let _ = ctx.peer.notify_tool_list_changed().await;
@@ -121,6 +145,11 @@ impl TestTools {
     fn initialized(&self) -> String {
         let told = self.initialized.load(Ordering::Relaxed);
         if told { "told" } else { "not told" }.into()
+    }
+
+    #[tool(description = "Say how many initialize requests came")]
+    fn initializations(&self) -> String {
+        self.initializations.load(Ordering::Relaxed).to_string()
     }
 
     #[tool(description = "Return a secret and an e-mail address")]
@@ -148,6 +177,21 @@ impl TestTools {
 impl ServerHandler for TestTools {
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+    }
+
+    /// Counted; a client named `slow` is answered after half a second, so that others can
+    /// initialize meanwhile.
+    async fn initialize(
+        &self,
+        request: InitializeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<InitializeResult, rmcp::ErrorData> {
+        self.initializations.fetch_add(1, Ordering::Relaxed);
+        if request.client_info.name == "slow" {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        context.peer.set_peer_info(request.clone());
+        self.negotiate_initialize(&request)
     }
 
     async fn on_initialized(&self, _: NotificationContext<RoleServer>) {
