@@ -696,14 +696,32 @@ async fn a_batch_gets_the_question_asked_while_its_requests_are_written() {
 
 /// Opens the GET stream of the server's own messages, as an agent.
 async fn open_get_stream(url: &str) -> reqwest::Response {
-    let res = reqwest::Client::new()
+    resume_get_stream(url, None).await
+}
+
+/// Opens the GET stream of the server's own messages, resuming after the event `last` if given.
+async fn resume_get_stream(url: &str, last: Option<u64>) -> reqwest::Response {
+    let mut req = reqwest::Client::new()
         .get(url)
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .unwrap();
+        .header("accept", "text/event-stream");
+    if let Some(last) = last {
+        req = req.header("last-event-id", last.to_string());
+    }
+    let res = req.send().await.unwrap();
     assert_eq!(res.status(), 200);
     res
+}
+
+/// The id of the event of an event-stream body that carries the message `method`.
+fn event_id_of(body: &str, method: &str) -> u64 {
+    let event = body
+        .split("\n\n")
+        .find(|e| e.contains(&format!("\"method\":\"{method}\"")))
+        .unwrap_or_else(|| panic!("no {method} in {body}"));
+    let id = event.lines().find_map(|l| l.strip_prefix("id: "));
+    id.unwrap_or_else(|| panic!("no id: {event}"))
+        .parse()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -845,19 +863,19 @@ async fn agents_that_initialize_at_once_initialize_the_stdio_server_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_initialize_answered_after_its_agent_hung_up_is_kept_for_the_next_agent() {
+async fn an_initialize_whose_agent_hung_up_still_answers_the_next_agent() {
     let (sidecar, url) = stdio_sidecar().await;
-    // The first agent gives up before the server answers.
+    // The first agent gives up before the server answers (after half a second).
     let gave_up = reqwest::Client::new()
         .post(&url)
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
         .body(initialize_as("slow").to_string())
-        .timeout(std::time::Duration::from_millis(100))
+        .timeout(std::time::Duration::from_millis(150))
         .send()
         .await;
     assert!(gave_up.is_err(), "{gave_up:?}");
-    tokio::time::sleep(std::time::Duration::from_millis(800)).await;
+    // The next agent comes while the server still works on the first's: it gets that answer.
     let (_, answer) = post_mcp(&url, initialize_as("next")).await;
     assert!(answer.contains("\"serverInfo\""), "{answer}");
     post_mcp(
@@ -870,7 +888,7 @@ async fn an_initialize_answered_after_its_agent_hung_up_is_kept_for_the_next_age
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_question_whose_get_stream_closed_unanswered_is_asked_on_the_next() {
+async fn a_get_stream_that_resumes_gets_the_questions_it_missed() {
     let (sidecar, url) = initialized_stdio_sidecar().await;
     let mut first = open_get_stream(&url).await;
     let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
@@ -879,16 +897,23 @@ async fn a_question_whose_get_stream_closed_unanswered_is_asked_on_the_next() {
     let asked = tokio::spawn(post_json_only(url.clone(), call));
     let mut heard = String::new();
     let question = read_until_roots_question(&mut first, &mut heard).await;
-    // The agent's stream breaks before it answers, and it opens another at once.
+    let event = event_id_of(&heard, "roots/list");
+    // The stream breaks; the agent resumes from the event before the question.
     drop(first);
-    let mut second = open_get_stream(&url).await;
+    let mut resumed = resume_get_stream(&url, Some(event - 1)).await;
     let mut heard = String::new();
-    let again = read_until_roots_question(&mut second, &mut heard).await;
+    let again = read_until_roots_question(&mut resumed, &mut heard).await;
     assert_eq!(again, question);
+    assert_eq!(event_id_of(&heard, "roots/list"), event);
+    // Resumed from the question's own event, the stream does not get it again.
+    let mut after = resume_get_stream(&url, Some(event)).await;
+    let nothing = tokio::time::timeout(std::time::Duration::from_millis(300), after.chunk()).await;
+    assert!(nothing.is_err(), "{nothing:?}");
+
     let reply = json!({"jsonrpc": "2.0", "id": question["id"], "result": {
         "roots": [{"uri": "file:///srv", "name": "srv"}]}});
     post_mcp(&url, reply.clone()).await;
-    // A second answer, as from another agent that heard it too, goes nowhere.
+    // Another agent that heard the question and answers it too is not heard by the server.
     let (_, accepted) = post_mcp(&url, reply).await;
     assert_eq!(accepted, "");
     let body = tokio::time::timeout(PATIENCE, asked)
@@ -896,6 +921,10 @@ async fn a_question_whose_get_stream_closed_unanswered_is_asked_on_the_next() {
         .unwrap()
         .unwrap();
     assert!(body.contains("1 roots"), "{body}");
+    // Answered, the question is not given to a stream that resumes from before it.
+    let mut late = resume_get_stream(&url, Some(event - 1)).await;
+    let nothing = tokio::time::timeout(std::time::Duration::from_millis(300), late.chunk()).await;
+    assert!(nothing.is_err(), "{nothing:?}");
     sidecar.stop().await;
 }
 

@@ -80,6 +80,11 @@ pub fn message_event(data: &str) -> Vec<u8> {
     format!("event: message\ndata: {data}\n\n").into_bytes()
 }
 
+/// A message event made by the sidecar, with the id a client resumes from.
+pub fn numbered_message_event(id: u64, data: &str) -> Vec<u8> {
+    format!("id: {id}\nevent: message\ndata: {data}\n\n").into_bytes()
+}
+
 pub struct Parser {
     buf: Vec<u8>,
     /// Where to resume looking for the end of the current event.

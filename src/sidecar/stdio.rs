@@ -17,10 +17,11 @@
 //! Each request of the process's is kept until an agent answers it, and only the first answer
 //! reaches the process. One that reaches no agent (none waits, none has a GET stream open, as
 //! when a server asks for the roots as soon as it is initialized) waits for the next GET stream,
-//! and after [`UNHEARD_TIMEOUT`] the process is answered with an error rather than left waiting;
-//! so does one whose GET streams all closed before it was answered. One whose POST hung up
-//! unanswered is answered with an error. The process's cancellation of one of its requests goes
-//! where the request went.
+//! and after [`UNHEARD_TIMEOUT`] the process is answered with an error rather than left waiting.
+//! GET-stream events are numbered: a stream that resumes (`Last-Event-ID`) gets again the
+//! requests sent since that no agent has answered. One whose POST hung up unanswered is
+//! answered with an error. The process's cancellation of one of its requests goes where the
+//! request went.
 //!
 //! `initialize` gets an `Mcp-Session-Id`, without which some clients (the Python SDK's) open no
 //! GET stream. The process is shared, so a session holds no state of its own; its id only tells
@@ -64,14 +65,16 @@ type PendingMap = Mutex<HashMap<u64, oneshot::Sender<Map<String, Value>>>>;
 type ProgressMap = Mutex<HashMap<u64, (Value, mpsc::Sender<String>)>>;
 
 const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
+const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 
 /// How long a request of the process's that no agent could hear waits for a GET stream.
 const UNHEARD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Such requests kept at most; the process is answered at once beyond that.
 const MAX_UNHEARD: usize = 64;
 
-/// The process's requests kept until answered, at most; the oldest is forgotten beyond that.
-const MAX_ASKED: usize = 1024;
+/// The process's requests kept until answered, at most; beyond that, the oldest is answered
+/// with an error.
+const MAX_ASKED: usize = 64;
 
 /// Messages for one POST (progress, the process's own) that may wait to be sent; beyond that,
 /// progress is dropped and the process's own messages go to the GET streams.
@@ -94,29 +97,35 @@ struct Conn {
     unheard: Mutex<Unheard>,
     /// The process's requests that no agent has answered yet, oldest first.
     asked: Mutex<VecDeque<Asked>>,
+    /// Whether agents may use the process: it is started, and the agent's `initialize` was
+    /// replayed if it had to be. GET streams use it before, as the replay can make it ask.
+    ready: AtomicBool,
     /// Whether the process was sent `notifications/initialized`: once, by the first agent (or
     /// the replay after a restart); the agents after it share the initialized process.
     initialized: AtomicBool,
-    /// The `initialize` requests in flight, by internal id, with their params: the first answer
-    /// is cached (in `init`) as the process gives it, whether or not its agent is still there.
-    initializing: Mutex<HashMap<u64, Value>>,
+    /// The `initialize` requests in flight, by internal id, with their params and the turn
+    /// they hold: the first answer is cached (in `init`) as the process gives it, whether or
+    /// not its agent is still there, and only then may the next agent initialize.
+    initializing: Mutex<HashMap<u64, (Value, Option<InitTurn>)>>,
     init: Arc<Mutex<Option<InitCache>>>,
 }
 
-/// Requests of the process's that no agent could hear yet, oldest first, each with a number of
-/// its own (the process may use an id again once it is answered).
+/// Requests of the process's that no agent could hear yet, oldest first.
 #[derive(Default)]
 struct Unheard {
     requests: VecDeque<Queued>,
-    next: u64,
 }
 
 struct Queued {
-    number: u64,
+    /// Its event id on the GET streams, which also tells it apart from a later request with
+    /// the same id (the process may use one again once it is answered).
+    event: u64,
     /// The request's id, as JSON text.
     id: String,
     line: String,
 }
+
+type InitTurn = tokio::sync::OwnedMutexGuard<()>;
 
 /// A request of the process's that no agent has answered yet.
 struct Asked {
@@ -128,21 +137,48 @@ struct Asked {
 }
 
 /// Where a request of the process's went.
-#[derive(Clone, PartialEq)]
+#[derive(Clone, Copy, PartialEq)]
 enum To {
     /// On the answer to the POST with this key in [`Conn::waiting`].
     Post(u64),
-    /// To these GET streams (by number), which may answer it; none: it waits in the queue.
-    Streams(Vec<u64>),
+    /// To the GET streams, as the event with this id (or into the queue for the next stream).
+    Streams(u64),
 }
 
 /// The agents' GET streams of one server's messages; they outlive its processes.
 struct Streams {
-    events: broadcast::Sender<String>,
-    /// The numbers of the streams open. Changed, as the streams subscribe and go, with the
-    /// queue of unheard requests locked, so that it tells who hears a request broadcast then.
-    open: Mutex<Vec<u64>>,
-    next: AtomicU64,
+    /// Each message with its event id.
+    events: broadcast::Sender<(u64, String)>,
+    /// The last event id given. Ids begin at the time the sidecar started, in microseconds, so
+    /// that an agent resuming with an id from an earlier run misses nothing of this one.
+    last_event: AtomicU64,
+}
+
+impl Streams {
+    fn new() -> Streams {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        let start = now.map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
+        Streams {
+            events: broadcast::channel(256).0,
+            last_event: AtomicU64::new(start),
+        }
+    }
+
+    /// The id of a new event.
+    fn next_event(&self) -> u64 {
+        self.last_event.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Sends a message to every GET stream as the event `event`; says whether any stream was
+    /// open to get it. Only the process's reader task sends, so events go out in order.
+    fn send(&self, event: u64, line: String) -> bool {
+        self.events.send((event, line)).is_ok()
+    }
+
+    /// Sends a notification to every GET stream, if any is open.
+    fn notify(&self, line: String) {
+        self.send(self.next_event(), line);
+    }
 }
 
 impl Conn {
@@ -156,6 +192,7 @@ impl Conn {
             next_waiting: AtomicU64::new(0),
             unheard: Mutex::default(),
             asked: Mutex::default(),
+            ready: AtomicBool::new(false),
             initialized: AtomicBool::new(false),
             initializing: Mutex::new(HashMap::new()),
             init,
@@ -208,11 +245,7 @@ impl StdioServer {
             next_id: AtomicU64::new(1),
             init: Arc::new(Mutex::new(None)),
             init_turn: Arc::default(),
-            streams: Arc::new(Streams {
-                events: broadcast::channel(256).0,
-                open: Mutex::default(),
-                next: AtomicU64::new(0),
-            }),
+            streams: Arc::new(Streams::new()),
         });
         let task = tokio::spawn(supervise(
             server.clone(),
@@ -240,7 +273,7 @@ impl StdioServer {
     ) -> Result<Response<Body>, UpstreamFailed> {
         match method {
             Method::POST => self.post(headers, body).await,
-            Method::GET => Ok(self.event_stream()),
+            Method::GET => Ok(self.event_stream(headers)),
             // Also DELETE: a session holds nothing to end, the process is shared (405 is how
             // the transport says so).
             _ => {
@@ -317,15 +350,15 @@ impl StdioServer {
                     }
                     let params = msg.get("params").cloned().unwrap_or(Value::Null);
                     let (internal, rx) = self.register(&conn, &mut guard, &mut msg, None, None);
-                    lock(&conn.initializing).insert(internal, params);
+                    lock(&conn.initializing).insert(internal, (params, turn));
                     self.write(&conn, msg).await?;
-                    waits.push((id, rx, turn));
+                    waits.push((id, rx));
                 }
                 (Some(_), Some(id)) => {
                     let (progress, session) = (stream_tx.as_ref(), session.clone());
                     let (_, rx) = self.register(&conn, &mut guard, &mut msg, progress, session);
                     self.write(&conn, msg).await?;
-                    waits.push((id, rx, None));
+                    waits.push((id, rx));
                 }
                 (None, Some(id)) if !take_question(&conn, &id) => {
                     tracing::debug!(upstream = %self.name, %id, "dropping an answer to no question of the process's in flight: answered already, or never asked");
@@ -374,10 +407,8 @@ impl StdioServer {
         let name = self.name.clone();
         let mut answers = Box::pin(async move {
             let mut all = answered;
-            for (id, rx, turn) in waits {
+            for (id, rx) in waits {
                 all.push(answer(&name, id, rx).await);
-                // Answered and cached: the next `initialize` gets the cached answer.
-                drop(turn);
             }
             all
         });
@@ -456,7 +487,7 @@ impl StdioServer {
     /// The running process, waiting a while for one that is (re)starting.
     async fn connection(&self) -> Result<Arc<Conn>, UpstreamFailed> {
         let mut rx = self.conn.subscribe();
-        let wait = rx.wait_for(Option::is_some);
+        let wait = rx.wait_for(|c| c.as_ref().is_some_and(|c| c.ready.load(Ordering::Relaxed)));
         match tokio::time::timeout(WAIT_FOR_PROCESS, wait).await {
             Ok(Ok(conn)) => conn
                 .clone()
@@ -465,43 +496,41 @@ impl StdioServer {
         }
     }
 
-    fn event_stream(&self) -> Response<Body> {
+    /// A GET stream of the process's own messages. One that resumes (`Last-Event-ID`) gets
+    /// again the process's requests sent since that event that no agent has answered yet.
+    fn event_stream(&self, headers: &HeaderMap) -> Response<Body> {
+        let resumed = headers
+            .get(LAST_EVENT_ID)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
         let conn = self.conn.borrow().clone();
-        let number = self.streams.next.fetch_add(1, Ordering::Relaxed);
-        // Subscribed with the queue locked, as `ask_streams` broadcasts a request or queues it:
-        // the request comes either way, once.
-        let (rx, unheard) = match &conn {
+        let (rx, first) = match &conn {
+            // Subscribed with the queue locked, as `ask_streams` broadcasts a request or queues
+            // it: the request comes either way, once.
             Some(conn) => {
-                let mut queue = lock(&conn.unheard);
+                let queue = lock(&conn.unheard);
                 let rx = self.streams.events.subscribe();
-                lock(&self.streams.open).push(number);
-                let unheard: Vec<Queued> = queue.requests.drain(..).collect();
-                let mut asked = lock(&conn.asked);
-                for a in asked.iter_mut() {
-                    if unheard.iter().any(|q| q.id == a.id) {
-                        a.to = To::Streams(vec![number]);
-                    }
-                }
-                (rx, unheard.into_iter().map(|q| q.line).collect())
+                (rx, first_events(conn, queue, resumed))
             }
-            None => {
-                lock(&self.streams.open).push(number);
-                (self.streams.events.subscribe(), Vec::new())
-            }
+            None => (self.streams.events.subscribe(), Vec::new()),
         };
-        let unheard = futures_util::stream::iter(unheard)
-            .map(|msg| Ok::<_, std::convert::Infallible>(Bytes::from(sse::message_event(&msg))));
+        let first: Bytes = first
+            .iter()
+            .flat_map(|(e, m)| sse::numbered_message_event(*e, m))
+            .collect();
+        let first = (!first.is_empty()).then_some(Ok::<_, std::convert::Infallible>(first));
+        let first = futures_util::stream::iter(first);
         let listener = Listener {
-            number,
-            rx: Some(rx),
+            rx,
             conn: self.conn.subscribe(),
-            streams: self.streams.clone(),
+            last: self.streams.last_event.load(Ordering::Relaxed),
+            lagged: false,
         };
         let stream = futures_util::stream::unfold(listener, |mut listener| async move {
             let chunk = listener.next().await?;
             Some((Ok::<_, std::convert::Infallible>(chunk), listener))
         });
-        event_stream_response(Body::from_stream(unheard.chain(stream)))
+        event_stream_response(Body::from_stream(first.chain(stream)))
     }
 
     fn lock_init(&self) -> std::sync::MutexGuard<'_, Option<InitCache>> {
@@ -509,45 +538,82 @@ impl StdioServer {
     }
 }
 
+/// The events a GET stream opens with: the requests of the process's that no agent could hear,
+/// and for a stream that resumes after the event `resumed`, the requests sent since that no
+/// agent has answered yet; in the order they were sent.
+fn first_events(
+    conn: &Conn,
+    mut queue: std::sync::MutexGuard<'_, Unheard>,
+    resumed: Option<u64>,
+) -> Vec<(u64, String)> {
+    let mut first: Vec<(u64, String)> = queue
+        .requests
+        .drain(..)
+        .map(|q| (q.event, q.line))
+        .collect();
+    if let Some(after) = resumed {
+        for a in lock(&conn.asked).iter() {
+            if let To::Streams(event) = a.to
+                && event > after
+                && !first.iter().any(|(e, _)| *e == event)
+            {
+                first.push((event, a.line.clone()));
+            }
+        }
+        first.sort_by_key(|(e, _)| *e);
+    }
+    first
+}
+
 /// One agent's GET stream of the process's messages.
 struct Listener {
-    number: u64,
-    /// Taken when the stream ends.
-    rx: Option<broadcast::Receiver<String>>,
+    rx: broadcast::Receiver<(u64, String)>,
     conn: watch::Receiver<Option<Arc<Conn>>>,
-    streams: Arc<Streams>,
+    /// The id of the last event sent (or given before the stream opened).
+    last: u64,
+    /// Whether messages were missed since then.
+    lagged: bool,
 }
 
 impl Listener {
-    /// The next event, or `None` once the server is gone.
+    /// The next events, or `None` once the server is gone.
     async fn next(&mut self) -> Option<Bytes> {
         loop {
-            match self.rx.as_mut()?.recv().await {
-                Ok(msg) => return Some(Bytes::from(sse::message_event(&msg))),
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // Messages were missed; the requests among them are sent again.
-                    let conn = self.conn.borrow().clone();
-                    let again = conn.map(|c| questions_heard_by(&c, self.number));
-                    let again = again.unwrap_or_default();
-                    if !again.is_empty() {
-                        let events = again.iter().flat_map(|m| sse::message_event(m));
-                        return Some(events.collect::<Vec<u8>>().into());
+            match self.rx.recv().await {
+                Ok((event, msg)) => {
+                    let mut out = Vec::new();
+                    if std::mem::take(&mut self.lagged) {
+                        // The requests among the missed messages, that no agent has answered
+                        // yet, are sent now.
+                        let conn = self.conn.borrow().clone();
+                        let missed = conn.map(|c| questions_between(&c, self.last, event));
+                        for (e, line) in missed.unwrap_or_default() {
+                            out.extend(sse::numbered_message_event(e, &line));
+                        }
                     }
+                    out.extend(sse::numbered_message_event(event, &msg));
+                    self.last = event;
+                    return Some(out.into());
                 }
+                Err(broadcast::error::RecvError::Lagged(_)) => self.lagged = true,
                 Err(broadcast::error::RecvError::Closed) => return None,
             }
         }
     }
 }
 
-impl Drop for Listener {
-    fn drop(&mut self) {
-        let conn = self.conn.borrow().clone();
-        match conn {
-            Some(conn) => stream_closed(&conn, &self.streams, self.number, self.rx.take()),
-            None => lock(&self.streams.open).retain(|n| *n != self.number),
-        }
-    }
+/// The process's requests sent to the GET streams as events between `after` and `before`
+/// (neither included) that no agent has answered yet.
+fn questions_between(conn: &Conn, after: u64, before: u64) -> Vec<(u64, String)> {
+    let mut between: Vec<(u64, String)> = lock(&conn.asked)
+        .iter()
+        .filter_map(|a| match a.to {
+            To::Streams(e) if e > after && e < before => Some((e, a.line.clone())),
+            _ => None,
+        })
+        .collect();
+    between.sort_by_key(|(e, _)| *e);
+    between
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -582,11 +648,16 @@ fn event_stream_answer(
         };
         // No longer waiting: the process's next messages go elsewhere, while those queued,
         // written before or with the answers, go first.
+        let (conn, key) = (guard.conn.clone(), guard.waiting);
         guard.answered = true;
         drop(guard);
         messages.close();
         while let Some(m) = messages.recv().await {
             if out.send(event(&m)).await.is_err() {
+                // Hung up before the process's requests given to this POST went out.
+                if let Some(key) = key {
+                    abandon_questions(&conn, key);
+                }
                 return;
             }
         }
@@ -612,13 +683,8 @@ fn event_stream_response(body: Body) -> Response<Body> {
     res
 }
 
-/// A forwarded request: the agent's id, where its answer comes, and for an `initialize`, the
-/// turn it holds until it is answered.
-type Wait = (
-    Value,
-    oneshot::Receiver<Map<String, Value>>,
-    Option<tokio::sync::OwnedMutexGuard<()>>,
-);
+/// A forwarded request: the agent's id, and where its answer comes.
+type Wait = (Value, oneshot::Receiver<Map<String, Value>>);
 
 /// The answer to one forwarded request, under the agent's id.
 async fn answer(name: &str, id: Value, rx: oneshot::Receiver<Map<String, Value>>) -> String {
@@ -833,14 +899,19 @@ async fn run_once(
         }
     });
 
-    // Replay the agent's initialize on a restarted process, before anyone else may use it.
+    // Replay the agent's initialize on a restarted process, before any agent may use it. Its
+    // GET streams may: a server can ask for the roots as soon as it is initialized.
+    server.conn.send_replace(Some(conn.clone()));
     let replay = lock(&server.init).as_ref().map(|c| c.params.clone());
-    let mut ok = true;
-    if let Some(params) = replay {
-        ok = replay_initialize(server, &conn, params).await;
-    }
+    let ok = match replay {
+        Some(params) => replay_initialize(server, &conn, params).await,
+        None => true,
+    };
     if ok {
-        server.conn.send_replace(Some(conn.clone()));
+        conn.ready.store(true, Ordering::Relaxed);
+        server.conn.send_modify(|_| {});
+    } else {
+        server.conn.send_replace(None);
     }
     tokio::select! {
         _ = &mut reader => {}
@@ -851,6 +922,8 @@ async fn run_once(
     lock(&conn.pending).clear();
     lock(&conn.progress).clear();
     lock(&conn.waiting).clear();
+    // Agents waiting to initialize go on; the next process is initialized by the replay.
+    lock(&conn.initializing).clear();
     kill_group(pid);
     reader.abort();
     writer.abort();
@@ -932,7 +1005,8 @@ fn dispatch(conn: &Arc<Conn>, streams: &Streams, line: &str) {
         if let (1, Some((key, Some(post)))) = (waiting.len(), waiting.iter().next()) {
             // Kept before it is sent: the agent may answer at once.
             if let Some(id) = &id {
-                keep_question(conn, id, line, To::Post(*key));
+                let mut queue = lock(&conn.unheard);
+                keep_question(conn, &mut queue, id, line, To::Post(*key));
             }
             if post.try_send(line.to_owned()).is_ok() {
                 return;
@@ -942,17 +1016,16 @@ fn dispatch(conn: &Arc<Conn>, streams: &Streams, line: &str) {
     match id {
         Some(id) => ask_streams(conn, streams, id, line.to_owned()),
         // Nobody listening is fine for notifications: they are optional for the server to deliver.
-        None => {
-            let _ = streams.events.send(line.to_owned());
-        }
+        None => streams.notify(line.to_owned()),
     }
 }
 
 /// Hands the process's answer to the request `internal` to its caller; the first answer to an
 /// `initialize` is cached.
 fn answered(conn: &Conn, internal: u64, msg: Map<String, Value>) {
-    let params = lock(&conn.initializing).remove(&internal);
-    if let (Some(params), Some(result)) = (params, msg.get("result")) {
+    // The turn is given up once the answer is cached.
+    let initialize = lock(&conn.initializing).remove(&internal);
+    if let (Some((params, _turn)), Some(result)) = (initialize, msg.get("result")) {
         let mut init = lock(&conn.init);
         if init.is_none() {
             *init = Some(InitCache {
@@ -966,18 +1039,26 @@ fn answered(conn: &Conn, internal: u64, msg: Map<String, Value>) {
     }
 }
 
-/// Keeps a request of the process's until an agent answers it.
-fn keep_question(conn: &Conn, id: &str, line: &str, to: To) {
+/// Keeps a request of the process's until an agent answers it. Beyond [`MAX_ASKED`], the
+/// oldest is answered with an error (and taken from `queue` if it waits there).
+fn keep_question(conn: &Conn, queue: &mut Unheard, id: &str, line: &str, to: To) {
     let mut asked = lock(&conn.asked);
     asked.retain(|a| a.id != id);
-    if asked.len() >= MAX_ASKED {
-        asked.pop_front();
-    }
+    let oldest = (asked.len() >= MAX_ASKED)
+        .then(|| asked.pop_front())
+        .flatten();
     asked.push_back(Asked {
         id: id.to_owned(),
         line: line.to_owned(),
         to,
     });
+    drop(asked);
+    if let Some(oldest) = oldest {
+        queue.requests.retain(|q| q.id != oldest.id);
+        let message = "no agent can answer: too many requests wait for an answer";
+        let error = jsonrpc::error_message(Some(&oldest.id), jsonrpc::INTERNAL_ERROR, message);
+        conn.tell(error);
+    }
 }
 
 /// Forgets the process's request that an agent answers, saying whether it was still waiting
@@ -997,23 +1078,22 @@ fn ask_streams(conn: &Arc<Conn>, streams: &Streams, id: String, line: String) {
     // The queue stays locked until the request is in, so that a GET stream opening meanwhile gets
     // it (see `event_stream`).
     let mut queue = lock(&conn.unheard);
-    let open = lock(&streams.open).clone();
-    keep_question(conn, &id, &line, To::Streams(open.clone()));
-    if open.is_empty() || streams.events.send(line.clone()).is_err() {
-        unheard(conn, &mut queue, id, line);
+    // Kept before it is sent: an agent may answer at once.
+    let event = streams.next_event();
+    keep_question(conn, &mut queue, &id, &line, To::Streams(event));
+    if !streams.send(event, line.clone()) {
+        unheard(conn, &mut queue, event, id, line);
     }
 }
 
 /// Keeps a request of the process's that no agent could hear for the next GET stream; answers
 /// the process with an error if none comes in time.
-fn unheard(conn: &Arc<Conn>, queue: &mut Unheard, id: String, line: String) {
+fn unheard(conn: &Arc<Conn>, queue: &mut Unheard, event: u64, id: String, line: String) {
     if queue.requests.len() >= MAX_UNHEARD {
         refuse_question(conn, &id, "none is connected to receive this request");
         return;
     }
-    let number = queue.next;
-    queue.next += 1;
-    queue.requests.push_back(Queued { number, id, line });
+    queue.requests.push_back(Queued { event, id, line });
     let Ok(rt) = tokio::runtime::Handle::try_current() else {
         return;
     };
@@ -1022,7 +1102,7 @@ fn unheard(conn: &Arc<Conn>, queue: &mut Unheard, id: String, line: String) {
         tokio::time::sleep(UNHEARD_TIMEOUT).await;
         let still_unheard = {
             let mut queue = lock(&conn.unheard);
-            let at = queue.requests.iter().position(|q| q.number == number);
+            let at = queue.requests.iter().position(|q| q.event == event);
             at.and_then(|at| queue.requests.remove(at))
         };
         if let Some(q) = still_unheard {
@@ -1061,50 +1141,6 @@ fn abandon_questions(conn: &Conn, key: u64) {
     }
 }
 
-/// Forgets the GET stream `number`, which has closed. The requests it was asked that no agent
-/// answered, and that no other stream open heard, are asked again: of the streams open now, or
-/// of the next one (see [`unheard`]).
-fn stream_closed(
-    conn: &Arc<Conn>,
-    streams: &Streams,
-    number: u64,
-    rx: Option<broadcast::Receiver<String>>,
-) {
-    let mut queue = lock(&conn.unheard);
-    let open = {
-        let mut open = lock(&streams.open);
-        open.retain(|n| *n != number);
-        drop(rx);
-        open.clone()
-    };
-    let mut again = Vec::new();
-    for a in lock(&conn.asked).iter_mut() {
-        if let To::Streams(heard) = &mut a.to
-            && heard.contains(&number)
-        {
-            heard.retain(|n| *n != number);
-            if heard.is_empty() {
-                a.to = To::Streams(open.clone());
-                again.push((a.id.clone(), a.line.clone()));
-            }
-        }
-    }
-    for (id, line) in again {
-        if open.is_empty() || streams.events.send(line.clone()).is_err() {
-            unheard(conn, &mut queue, id, line);
-        }
-    }
-}
-
-/// The process's requests that the GET stream `number` was asked and no agent has answered yet.
-fn questions_heard_by(conn: &Conn, number: u64) -> Vec<String> {
-    lock(&conn.asked)
-        .iter()
-        .filter(|a| matches!(&a.to, To::Streams(heard) if heard.contains(&number)))
-        .map(|a| a.line.clone())
-        .collect()
-}
-
 /// Routes the process's cancellation of its request `id` (JSON text) the way the request went,
 /// and forgets the request. A request nobody heard is taken back, and its cancellation goes
 /// nowhere; so does one of a request no longer waiting for an answer.
@@ -1130,7 +1166,7 @@ fn cancel_question(conn: &Conn, streams: &Streams, id: &str, line: &str) {
     {
         return;
     }
-    let _ = streams.events.send(line.to_owned());
+    streams.notify(line.to_owned());
 }
 
 fn kill_group(pid: Option<u32>) {
@@ -1168,7 +1204,13 @@ mod tests {
     #[test]
     fn only_the_first_answer_to_a_question_reaches_the_process() {
         let (conn, _) = conn();
-        keep_question(&conn, "7", QUESTION, To::Streams(vec![1, 2]));
+        keep_question(
+            &conn,
+            &mut Unheard::default(),
+            "7",
+            QUESTION,
+            To::Streams(1),
+        );
         // Ids are compared as JSON: "7" is another request's.
         assert!(!take_question(&conn, &Value::from("7")));
         assert!(take_question(&conn, &Value::from(7)));
@@ -1178,8 +1220,9 @@ mod tests {
     #[tokio::test]
     async fn a_question_whose_post_hung_up_gets_an_error_and_no_other() {
         let (conn, mut written) = conn();
-        keep_question(&conn, "7", QUESTION, To::Post(3));
-        keep_question(&conn, "8", QUESTION, To::Streams(vec![1]));
+        let mut queue = Unheard::default();
+        keep_question(&conn, &mut queue, "7", QUESTION, To::Post(3));
+        keep_question(&conn, &mut queue, "8", QUESTION, To::Streams(1));
         drop(post_guard(&conn, 3, false));
         let told: Value = serde_json::from_str(&written.recv().await.unwrap()).unwrap();
         assert_eq!(told["id"], 7);
@@ -1190,9 +1233,36 @@ mod tests {
         assert!(take_question(&conn, &Value::from(8)));
 
         // A POST that got its answers leaves its questions for its agent to answer.
-        keep_question(&conn, "9", QUESTION, To::Post(4));
+        keep_question(&conn, &mut queue, "9", QUESTION, To::Post(4));
         drop(post_guard(&conn, 4, true));
         assert!(written.try_recv().is_err());
         assert!(take_question(&conn, &Value::from(9)));
+    }
+
+    #[tokio::test]
+    async fn beyond_the_cap_the_oldest_question_gets_an_error() {
+        let (conn, mut written) = conn();
+        let mut queue = Unheard::default();
+        for id in 0..=MAX_ASKED {
+            let id = id.to_string();
+            queue.requests.push_back(Queued {
+                event: 0,
+                id: id.clone(),
+                line: QUESTION.into(),
+            });
+            keep_question(&conn, &mut queue, &id, QUESTION, To::Streams(0));
+        }
+        let told: Value = serde_json::from_str(&written.recv().await.unwrap()).unwrap();
+        assert_eq!(told["id"], 0);
+        assert!(
+            told["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("too many")
+        );
+        assert!(written.try_recv().is_err());
+        assert_eq!(queue.requests.len(), MAX_ASKED);
+        assert!(!take_question(&conn, &Value::from(0)));
+        assert!(take_question(&conn, &Value::from(1)));
     }
 }
