@@ -402,10 +402,11 @@ async fn post_mcp_in(url: &str, session: Option<&str>, msg: serde_json::Value) -
     (ty, res.text().await.unwrap())
 }
 
-/// The JSON messages of an event-stream body, in order.
+/// The JSON messages of an event-stream body, in order (events without data left out).
 fn stream_messages(body: &str) -> Vec<serde_json::Value> {
     body.lines()
         .filter_map(|l| l.strip_prefix("data:"))
+        .filter(|d| !d.trim().is_empty())
         .map(|d| serde_json::from_str(d.trim()).unwrap())
         .collect()
 }
@@ -694,22 +695,42 @@ async fn a_batch_gets_the_question_asked_while_its_requests_are_written() {
     sidecar.stop().await;
 }
 
-/// Opens the GET stream of the server's own messages, as an agent.
+/// Opens the GET stream of the server's own messages, as an agent, and reads its opening.
 async fn open_get_stream(url: &str) -> reqwest::Response {
-    resume_get_stream(url, None).await
+    resume_get_stream(url, None).await.0
 }
 
 /// Opens the GET stream of the server's own messages, resuming after the event `last` if given.
-async fn resume_get_stream(url: &str, last: Option<u64>) -> reqwest::Response {
+/// Returns it with what it opened with, up to its priming event (an id, no data).
+async fn resume_get_stream(url: &str, last: Option<u64>) -> (reqwest::Response, String) {
     let mut req = reqwest::Client::new()
         .get(url)
         .header("accept", "text/event-stream");
     if let Some(last) = last {
         req = req.header("last-event-id", last.to_string());
     }
-    let res = req.send().await.unwrap();
+    let mut res = req.send().await.unwrap();
     assert_eq!(res.status(), 200);
-    res
+    let mut opening = String::new();
+    while !opening.contains("\ndata: \n\n") {
+        let chunk = tokio::time::timeout(PATIENCE, res.chunk())
+            .await
+            .expect("the stream opens")
+            .unwrap()
+            .expect("the stream is still open");
+        opening.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+    (res, opening)
+}
+
+/// The id of the priming event (an id, no data) that an event stream opened with.
+fn priming_id(opening: &str) -> u64 {
+    let event = opening.trim_end_matches('\n').rsplit("\n\n").next().unwrap();
+    assert!(event.ends_with("\ndata: "), "{opening}");
+    let id = event.lines().find_map(|l| l.strip_prefix("id: "));
+    id.unwrap_or_else(|| panic!("no id: {opening}"))
+        .parse()
+        .unwrap()
 }
 
 /// The id of the event of an event-stream body that carries the message `method`.
@@ -764,9 +785,9 @@ async fn a_question_nobody_could_hear_waits_for_a_get_stream_for_a_while() {
     // An agent that opens its GET stream a little later still gets the question.
     let asked = tokio::spawn(post_json_only(url.clone(), call));
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let mut listening = open_get_stream(&url).await;
-    let mut heard = String::new();
-    let question = read_until_roots_question(&mut listening, &mut heard).await;
+    let (_listening, opening) = resume_get_stream(&url, None).await;
+    let question = &stream_messages(&opening)[0];
+    assert_eq!(question["method"], "roots/list", "{opening}");
     let reply = json!({"jsonrpc": "2.0", "id": question["id"], "result": {
         "roots": [{"uri": "file:///srv", "name": "srv"}]}});
     post_mcp(&url, reply).await;
@@ -890,7 +911,8 @@ async fn an_initialize_whose_agent_hung_up_still_answers_the_next_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_get_stream_that_resumes_gets_the_questions_it_missed() {
     let (sidecar, url) = initialized_stdio_sidecar().await;
-    let mut first = open_get_stream(&url).await;
+    let (mut first, opening) = resume_get_stream(&url, None).await;
+    let primed = priming_id(&opening);
     let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
         "name": "roots", "arguments": {}}});
     // An agent that takes only JSON: the question goes to the GET stream.
@@ -898,17 +920,17 @@ async fn a_get_stream_that_resumes_gets_the_questions_it_missed() {
     let mut heard = String::new();
     let question = read_until_roots_question(&mut first, &mut heard).await;
     let event = event_id_of(&heard, "roots/list");
-    // The stream breaks; the agent resumes from the event before the question.
+    assert!(event > primed, "{primed} then {heard}");
+    // The stream breaks (say, before the question got through); the agent resumes from the
+    // last event it got, the priming one.
     drop(first);
-    let mut resumed = resume_get_stream(&url, Some(event - 1)).await;
-    let mut heard = String::new();
-    let again = read_until_roots_question(&mut resumed, &mut heard).await;
-    assert_eq!(again, question);
-    assert_eq!(event_id_of(&heard, "roots/list"), event);
-    // Resumed from the question's own event, the stream does not get it again.
-    let mut after = resume_get_stream(&url, Some(event)).await;
-    let nothing = tokio::time::timeout(std::time::Duration::from_millis(300), after.chunk()).await;
-    assert!(nothing.is_err(), "{nothing:?}");
+    let (mut resumed, opening) = resume_get_stream(&url, Some(primed)).await;
+    assert_eq!(event_id_of(&opening, "roots/list"), event);
+    assert_eq!(stream_messages(&opening), std::slice::from_ref(&question));
+    assert!(priming_id(&opening) >= event, "{opening}");
+    // Resumed from the question's own event, a stream does not get it again.
+    let (_, opening) = resume_get_stream(&url, Some(event)).await;
+    assert!(stream_messages(&opening).is_empty(), "{opening}");
 
     let reply = json!({"jsonrpc": "2.0", "id": question["id"], "result": {
         "roots": [{"uri": "file:///srv", "name": "srv"}]}});
@@ -922,9 +944,11 @@ async fn a_get_stream_that_resumes_gets_the_questions_it_missed() {
         .unwrap();
     assert!(body.contains("1 roots"), "{body}");
     // Answered, the question is not given to a stream that resumes from before it.
-    let mut late = resume_get_stream(&url, Some(event - 1)).await;
-    let nothing = tokio::time::timeout(std::time::Duration::from_millis(300), late.chunk()).await;
-    assert!(nothing.is_err(), "{nothing:?}");
+    let (_, opening) = resume_get_stream(&url, Some(primed)).await;
+    assert!(stream_messages(&opening).is_empty(), "{opening}");
+    // Nor sent again on the stream that was open.
+    let nothing = tokio::time::timeout(std::time::Duration::from_millis(300), resumed.chunk());
+    assert!(nothing.await.is_err());
     sidecar.stop().await;
 }
 

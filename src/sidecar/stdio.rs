@@ -498,39 +498,48 @@ impl StdioServer {
 
     /// A GET stream of the process's own messages. One that resumes (`Last-Event-ID`) gets
     /// again the process's requests sent since that event that no agent has answered yet.
+    ///
+    /// It opens with those and the requests no agent could hear yet, then an event with an id
+    /// and no data (the spec's priming event), so that an agent whose stream breaks before the
+    /// next message can still resume from it.
     fn event_stream(&self, headers: &HeaderMap) -> Response<Body> {
         let resumed = headers
             .get(LAST_EVENT_ID)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
         let conn = self.conn.borrow().clone();
-        let (rx, first) = match &conn {
+        let (rx, last, first) = match &conn {
             // Subscribed with the queue locked, as `ask_streams` broadcasts a request or queues
             // it: the request comes either way, once.
             Some(conn) => {
                 let queue = lock(&conn.unheard);
+                let last = self.streams.last_event.load(Ordering::Relaxed);
                 let rx = self.streams.events.subscribe();
-                (rx, first_events(conn, queue, resumed))
+                (rx, last, first_events(conn, queue, resumed))
             }
-            None => (self.streams.events.subscribe(), Vec::new()),
+            None => {
+                let last = self.streams.last_event.load(Ordering::Relaxed);
+                (self.streams.events.subscribe(), last, Vec::new())
+            }
         };
-        let first: Bytes = first
+        let mut opening: Vec<u8> = first
             .iter()
             .flat_map(|(e, m)| sse::numbered_message_event(*e, m))
             .collect();
-        let first = (!first.is_empty()).then_some(Ok::<_, std::convert::Infallible>(first));
-        let first = futures_util::stream::iter(first);
+        opening.extend(format!("id: {last}\ndata: \n\n").into_bytes());
+        let opening =
+            futures_util::stream::iter([Ok::<_, std::convert::Infallible>(Bytes::from(opening))]);
         let listener = Listener {
             rx,
             conn: self.conn.subscribe(),
-            last: self.streams.last_event.load(Ordering::Relaxed),
+            last,
             lagged: false,
         };
         let stream = futures_util::stream::unfold(listener, |mut listener| async move {
             let chunk = listener.next().await?;
             Some((Ok::<_, std::convert::Infallible>(chunk), listener))
         });
-        event_stream_response(Body::from_stream(first.chain(stream)))
+        event_stream_response(Body::from_stream(opening.chain(stream)))
     }
 
     fn lock_init(&self) -> std::sync::MutexGuard<'_, Option<InitCache>> {
