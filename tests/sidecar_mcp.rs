@@ -725,7 +725,11 @@ async fn resume_get_stream(url: &str, last: Option<u64>) -> (reqwest::Response, 
 
 /// The id of the priming event (an id, no data) that an event stream opened with.
 fn priming_id(opening: &str) -> u64 {
-    let event = opening.trim_end_matches('\n').rsplit("\n\n").next().unwrap();
+    let event = opening
+        .trim_end_matches('\n')
+        .rsplit("\n\n")
+        .next()
+        .unwrap();
     assert!(event.ends_with("\ndata: "), "{opening}");
     let id = event.lines().find_map(|l| l.strip_prefix("id: "));
     id.unwrap_or_else(|| panic!("no id: {opening}"))
@@ -860,20 +864,29 @@ async fn initializations(url: &str) -> String {
         .to_owned()
 }
 
+/// Whom the test server says it answered, in the instructions of an `initialize` answer.
+fn answered_for(answer: &str) -> String {
+    let answer: serde_json::Value = serde_json::from_str(answer).unwrap();
+    let instructions = answer["result"]["instructions"].as_str();
+    instructions
+        .unwrap_or_else(|| panic!("{answer}"))
+        .to_owned()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_that_initialize_at_once_initialize_the_stdio_server_once() {
     let (sidecar, url) = stdio_sidecar().await;
-    // The server takes half a second to answer the first agent; the second comes meanwhile.
+    // The server takes a second to answer the first agent; the second comes meanwhile and gets
+    // the first's answer.
     let first = tokio::spawn(post_mcp_owned(url.clone(), initialize_as("slow")));
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let (_, second) = post_mcp(&url, initialize_as("quick")).await;
     let (_, first) = tokio::time::timeout(PATIENCE, first)
         .await
         .unwrap()
         .unwrap();
-    for answer in [&first, &second] {
-        assert!(answer.contains("\"serverInfo\""), "{answer}");
-    }
+    assert_eq!(answered_for(&first), "answered for slow");
+    assert_eq!(answered_for(&second), "answered for slow");
     post_mcp(
         &url,
         json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
@@ -886,25 +899,46 @@ async fn agents_that_initialize_at_once_initialize_the_stdio_server_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_initialize_whose_agent_hung_up_still_answers_the_next_agent() {
     let (sidecar, url) = stdio_sidecar().await;
-    // The first agent gives up before the server answers (after half a second).
+    // The first agent gives up before the server answers (after a second).
     let gave_up = reqwest::Client::new()
         .post(&url)
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
         .body(initialize_as("slow").to_string())
-        .timeout(std::time::Duration::from_millis(150))
+        .timeout(std::time::Duration::from_millis(500))
         .send()
         .await;
     assert!(gave_up.is_err(), "{gave_up:?}");
     // The next agent comes while the server still works on the first's: it gets that answer.
     let (_, answer) = post_mcp(&url, initialize_as("next")).await;
-    assert!(answer.contains("\"serverInfo\""), "{answer}");
+    assert_eq!(answered_for(&answer), "answered for slow");
     post_mcp(
         &url,
         json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
     )
     .await;
     assert_eq!(initializations(&url).await, "1");
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_waiting_to_initialize_a_stdio_server_that_dies_is_told_so() {
+    let (sidecar, url) = stdio_sidecar().await;
+    // The server exits while it initializes for the first agent; the second waits meanwhile.
+    let first = tokio::spawn(post_mcp_owned(url.clone(), initialize_as("fatal")));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let second = tokio::time::timeout(PATIENCE, post_mcp(&url, initialize_as("next")))
+        .await
+        .expect("the waiting agent is answered");
+    assert!(second.1.contains("exited"), "{second:?}");
+    let (_, first) = tokio::time::timeout(PATIENCE, first)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.contains("exited before answering"), "{first}");
+    // The restarted server is initialized by the next agent.
+    let (_, third) = post_mcp(&url, initialize_as("third")).await;
+    assert_eq!(answered_for(&third), "answered for third");
     sidecar.stop().await;
 }
 

@@ -100,6 +100,8 @@ struct Conn {
     /// Whether agents may use the process: it is started, and the agent's `initialize` was
     /// replayed if it had to be. GET streams use it before, as the replay can make it ask.
     ready: AtomicBool,
+    /// Whether the process has ended: no request is registered any more.
+    closed: AtomicBool,
     /// Whether the process was sent `notifications/initialized`: once, by the first agent (or
     /// the replay after a restart); the agents after it share the initialized process.
     initialized: AtomicBool,
@@ -193,6 +195,7 @@ impl Conn {
             unheard: Mutex::default(),
             asked: Mutex::default(),
             ready: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
             initialized: AtomicBool::new(false),
             initializing: Mutex::new(HashMap::new()),
             init,
@@ -309,6 +312,7 @@ impl StdioServer {
             ids: Vec::new(),
             waiting: None,
             answered: false,
+            unwritten: None,
         };
         // Progress and the process's own messages can only reach an agent that accepts an
         // event stream as the answer.
@@ -316,10 +320,11 @@ impl StdioServer {
         let stream_tx = accepts_event_stream(headers).then_some(stream_tx);
         // Counted as waiting before any request is written: the process may send its own
         // messages before this task runs again.
-        let asks = messages
-            .iter()
-            .flatten()
-            .any(|m| m.contains_key("method") && m.contains_key("id"));
+        // (An `initialize` is not counted: the process asks nothing of an agent not yet known.)
+        let asks = messages.iter().flatten().any(|m| {
+            let method = m.get("method").and_then(Value::as_str);
+            m.contains_key("id") && method.is_some_and(|m| m != "initialize")
+        });
         if asks {
             let key = conn.next_waiting.fetch_add(1, Ordering::Relaxed);
             lock(&conn.waiting).insert(key, stream_tx.clone());
@@ -340,28 +345,41 @@ impl StdioServer {
             match (method.as_deref(), id) {
                 (Some("initialize"), Some(id)) => {
                     initialize = true;
-                    // Not for ever: a process that never answers must not keep every agent out.
-                    let turn = self.init_turn.clone().lock_owned();
-                    let turn = tokio::time::timeout(WAIT_FOR_PROCESS, turn).await.ok();
-                    let cached = self.lock_init().as_ref().map(|c| c.result.clone());
+                    // One that comes while another's is answered waits for that answer; not for
+                    // ever: a process that never answers must not keep every agent out.
+                    let mut turn = None;
+                    let mut cached = self.cached_init();
+                    if cached.is_none() {
+                        let next = self.init_turn.clone().lock_owned();
+                        turn = tokio::time::timeout(WAIT_FOR_PROCESS, next).await.ok();
+                        cached = self.cached_init();
+                    }
                     if let Some(result) = cached {
                         answers.push(jsonrpc::result_message(&id.to_string(), &result));
                         continue;
                     }
                     let params = msg.get("params").cloned().unwrap_or(Value::Null);
-                    let (internal, rx) = self.register(&conn, &mut guard, &mut msg, None, None);
+                    let (internal, rx) = self.register(&conn, &mut guard, &mut msg, None, None)?;
                     lock(&conn.initializing).insert(internal, (params, turn));
+                    guard.unwritten = Some(internal);
                     self.write(&conn, msg).await?;
+                    guard.unwritten = None;
                     waits.push((id, rx));
                 }
                 (Some(_), Some(id)) => {
                     let (progress, session) = (stream_tx.as_ref(), session.clone());
-                    let (_, rx) = self.register(&conn, &mut guard, &mut msg, progress, session);
+                    let (_, rx) = self.register(&conn, &mut guard, &mut msg, progress, session)?;
                     self.write(&conn, msg).await?;
                     waits.push((id, rx));
                 }
-                (None, Some(id)) if !take_question(&conn, &id) => {
-                    tracing::debug!(upstream = %self.name, %id, "dropping an answer to no question of the process's in flight: answered already, or never asked");
+                (None, Some(id)) => {
+                    if take_question(&conn, &id) {
+                        // Not awaited: taken, the answer must not be lost with a POST that goes
+                        // away meanwhile.
+                        conn.tell(Value::Object(msg).to_string());
+                    } else {
+                        tracing::debug!(upstream = %self.name, %id, "dropping an answer to no question of the process's in flight: answered already, or never asked");
+                    }
                 }
                 (Some("notifications/initialized"), None)
                     if conn.initialized.swap(true, Ordering::Relaxed) =>
@@ -456,14 +474,22 @@ impl StdioServer {
         msg: &mut Map<String, Value>,
         progress: Option<&mpsc::Sender<String>>,
         session: Option<String>,
-    ) -> (u64, oneshot::Receiver<Map<String, Value>>) {
+    ) -> Result<(u64, oneshot::Receiver<Map<String, Value>>), UpstreamFailed> {
         let internal = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            // Checked with `pending` locked, as the process's end clears it: a request is either
+            // refused here or answered with an error then.
+            let mut pending = lock(&conn.pending);
+            if conn.closed.load(Ordering::Relaxed) {
+                return Err(self.failed("the tool process exited"));
+            }
+            pending.insert(internal, tx);
+        }
+        guard.ids.push(internal);
         if let Some(agent_id) = msg.insert("id".into(), Value::from(internal)) {
             lock(&conn.agent_ids).insert(internal, (session, agent_id));
         }
-        let (tx, rx) = oneshot::channel();
-        lock(&conn.pending).insert(internal, tx);
-        guard.ids.push(internal);
         match progress {
             Some(progress) => {
                 if let Some(token) = swap_progress_token(msg, internal) {
@@ -474,7 +500,7 @@ impl StdioServer {
             // be taken for another request's internal id.
             None => drop_progress_token(msg),
         }
-        (internal, rx)
+        Ok((internal, rx))
     }
 
     async fn write(&self, conn: &Conn, msg: Map<String, Value>) -> Result<(), UpstreamFailed> {
@@ -542,8 +568,9 @@ impl StdioServer {
         event_stream_response(Body::from_stream(opening.chain(stream)))
     }
 
-    fn lock_init(&self) -> std::sync::MutexGuard<'_, Option<InitCache>> {
-        lock(&self.init)
+    /// The process's answer to the first agent's `initialize`, if it came.
+    fn cached_init(&self) -> Option<Value> {
+        lock(&self.init).as_ref().map(|c| c.result.clone())
     }
 }
 
@@ -770,6 +797,9 @@ struct PendingGuard {
     waiting: Option<u64>,
     /// Whether the POST got its answers; if not, its agent hung up.
     answered: bool,
+    /// An `initialize` registered and not yet written: taken back, its turn given up, if the
+    /// POST ends before it is.
+    unwritten: Option<u64>,
 }
 
 impl Drop for PendingGuard {
@@ -789,6 +819,18 @@ impl Drop for PendingGuard {
             agent_ids.remove(id);
         }
         drop(agent_ids);
+        // The turn of an `initialize` is given up when it is answered, or here when it never
+        // will be: not written, or written to a process that has ended.
+        let mut initializing = lock(&self.conn.initializing);
+        if let Some(id) = self.unwritten {
+            initializing.remove(&id);
+        }
+        if self.conn.closed.load(Ordering::Relaxed) {
+            for id in &self.ids {
+                initializing.remove(id);
+            }
+        }
+        drop(initializing);
         if let Some(key) = self.waiting {
             lock(&self.conn.waiting).remove(&key);
             if !self.answered {
@@ -899,6 +941,7 @@ async fn run_once(
                     tracing::warn!(upstream = %name, limit = max_line, "the tool process wrote a message larger than the limit");
                     // Its request cannot be told apart: fail all, rather than leave one hanging.
                     lock(&reader_conn.pending).clear();
+                    lock(&reader_conn.initializing).clear();
                 }
                 Err(LinesCodecError::Io(e)) => {
                     tracing::warn!(upstream = %name, error = %e, "reading from the tool process failed");
@@ -920,13 +963,16 @@ async fn run_once(
         conn.ready.store(true, Ordering::Relaxed);
         server.conn.send_modify(|_| {});
     } else {
+        // Unusable without it: started again (the reader ends with the process).
         server.conn.send_replace(None);
+        kill_group(pid);
     }
     tokio::select! {
         _ = &mut reader => {}
         _ = shutdown.cancelled() => {}
     }
     server.conn.send_replace(None);
+    conn.closed.store(true, Ordering::Relaxed);
     // Dropping the senders tells every waiting caller that the process is gone.
     lock(&conn.pending).clear();
     lock(&conn.progress).clear();
@@ -1205,6 +1251,7 @@ mod tests {
             ids: Vec::new(),
             waiting: Some(key),
             answered,
+            unwritten: None,
         }
     }
 

@@ -179,19 +179,27 @@ impl ServerHandler for TestTools {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
     }
 
-    /// Counted; a client named `slow` is answered after half a second, so that others can
-    /// initialize meanwhile.
+    /// Counted, and answered with instructions that name the client; a client named `slow` is
+    /// answered after a second, so that others can initialize meanwhile; for one named `fatal`,
+    /// the server exits after half a second instead.
     async fn initialize(
         &self,
         request: InitializeRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<InitializeResult, rmcp::ErrorData> {
         self.initializations.fetch_add(1, Ordering::Relaxed);
-        if request.client_info.name == "slow" {
-            tokio::time::sleep(Duration::from_millis(500)).await;
+        match request.client_info.name.as_str() {
+            "slow" => tokio::time::sleep(Duration::from_secs(1)).await,
+            "fatal" => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                std::process::exit(3);
+            }
+            _ => {}
         }
         context.peer.set_peer_info(request.clone());
-        self.negotiate_initialize(&request)
+        let mut answer = self.negotiate_initialize(&request)?;
+        answer.instructions = Some(format!("answered for {}", request.client_info.name));
+        Ok(answer)
     }
 
     async fn on_initialized(&self, _: NotificationContext<RoleServer>) {
