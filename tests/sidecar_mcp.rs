@@ -852,6 +852,14 @@ async fn stdio_sidecar() -> (Sidecar, String) {
     (sidecar, url)
 }
 
+/// Tells the test server behind `url` that the agent is initialized; then says how many times
+/// it was asked to initialize.
+async fn initializations_once_initialized(url: &str) -> String {
+    let note = json!({"jsonrpc": "2.0", "method": "notifications/initialized"});
+    post_mcp(url, note).await;
+    initializations(url).await
+}
+
 /// How many times the test server behind `url` was asked to initialize.
 async fn initializations(url: &str) -> String {
     let call = json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {
@@ -887,12 +895,7 @@ async fn agents_that_initialize_at_once_initialize_the_stdio_server_once() {
         .unwrap();
     assert_eq!(answered_for(&first), "answered for slow");
     assert_eq!(answered_for(&second), "answered for slow");
-    post_mcp(
-        &url,
-        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
-    )
-    .await;
-    assert_eq!(initializations(&url).await, "1");
+    assert_eq!(initializations_once_initialized(&url).await, "1");
     sidecar.stop().await;
 }
 
@@ -912,12 +915,7 @@ async fn an_initialize_whose_agent_hung_up_still_answers_the_next_agent() {
     // The next agent comes while the server still works on the first's: it gets that answer.
     let (_, answer) = post_mcp(&url, initialize_as("next")).await;
     assert_eq!(answered_for(&answer), "answered for slow");
-    post_mcp(
-        &url,
-        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
-    )
-    .await;
-    assert_eq!(initializations(&url).await, "1");
+    assert_eq!(initializations_once_initialized(&url).await, "1");
     sidecar.stop().await;
 }
 
