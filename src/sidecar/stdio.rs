@@ -242,14 +242,7 @@ impl StdioServer {
         max_line: usize,
         shutdown: CancellationToken,
     ) -> (Arc<StdioServer>, tokio::task::JoinHandle<()>) {
-        let server = Arc::new(StdioServer {
-            name,
-            conn: watch::Sender::new(None),
-            next_id: AtomicU64::new(1),
-            init: Arc::new(Mutex::new(None)),
-            init_turn: Arc::default(),
-            streams: Arc::new(Streams::new()),
-        });
+        let server = Arc::new(StdioServer::new(name));
         let task = tokio::spawn(supervise(
             server.clone(),
             command,
@@ -258,6 +251,17 @@ impl StdioServer {
             shutdown,
         ));
         (server, task)
+    }
+
+    fn new(name: Arc<str>) -> StdioServer {
+        StdioServer {
+            name,
+            conn: watch::Sender::new(None),
+            next_id: AtomicU64::new(1),
+            init: Arc::new(Mutex::new(None)),
+            init_turn: Arc::default(),
+            streams: Arc::new(Streams::new()),
+        }
     }
 
     fn failed(&self, reason: impl Into<String>) -> UpstreamFailed {
@@ -319,16 +323,14 @@ impl StdioServer {
         let (stream_tx, stream_rx) = mpsc::channel(PROGRESS_BUFFER);
         let stream_tx = accepts_event_stream(headers).then_some(stream_tx);
         // Counted as waiting before any request is written: the process may send its own
-        // messages before this task runs again.
-        // (An `initialize` is not counted: the process asks nothing of an agent not yet known.)
+        // messages before this task runs again. (An `initialize` counts only once it is
+        // forwarded: one waiting for another's answer must not take the process's messages.)
         let asks = messages.iter().flatten().any(|m| {
             let method = m.get("method").and_then(Value::as_str);
             m.contains_key("id") && method.is_some_and(|m| m != "initialize")
         });
         if asks {
-            let key = conn.next_waiting.fetch_add(1, Ordering::Relaxed);
-            lock(&conn.waiting).insert(key, stream_tx.clone());
-            guard.waiting = Some(key);
+            guard.wait_for_messages(stream_tx.clone());
         }
         let mut initialize = false;
         for msg in messages {
@@ -359,6 +361,9 @@ impl StdioServer {
                         continue;
                     }
                     let params = msg.get("params").cloned().unwrap_or(Value::Null);
+                    if guard.waiting.is_none() {
+                        guard.wait_for_messages(stream_tx.clone());
+                    }
                     let (internal, rx) = self.register(&conn, &mut guard, &mut msg, None, None)?;
                     lock(&conn.initializing).insert(internal, (params, turn));
                     guard.unwritten = Some(internal);
@@ -802,6 +807,16 @@ struct PendingGuard {
     unwritten: Option<u64>,
 }
 
+impl PendingGuard {
+    /// Counts the POST as waiting for answers: the process's messages may go on its answer
+    /// (to `messages`, if its agent takes an event stream).
+    fn wait_for_messages(&mut self, messages: Option<mpsc::Sender<String>>) {
+        let key = self.conn.next_waiting.fetch_add(1, Ordering::Relaxed);
+        lock(&self.conn.waiting).insert(key, messages);
+        self.waiting = Some(key);
+    }
+}
+
 impl Drop for PendingGuard {
     fn drop(&mut self) {
         let mut pending = lock(&self.conn.pending);
@@ -940,6 +955,8 @@ async fn run_once(
                 Err(LinesCodecError::MaxLineLengthExceeded) => {
                     tracing::warn!(upstream = %name, limit = max_line, "the tool process wrote a message larger than the limit");
                     // Its request cannot be told apart: fail all, rather than leave one hanging.
+                    // (An `initialize` among them gives up its turn uncached: the next agent
+                    // initializes the process again, rather than wait on an answer lost.)
                     lock(&reader_conn.pending).clear();
                     lock(&reader_conn.initializing).clear();
                 }
@@ -1293,6 +1310,47 @@ mod tests {
         drop(post_guard(&conn, 4, true));
         assert!(written.try_recv().is_err());
         assert!(take_question(&conn, &Value::from(9)));
+    }
+
+    #[tokio::test]
+    async fn an_ended_process_takes_no_request_and_holds_no_initialize_turn() {
+        let server = StdioServer::new("local".into());
+        let (conn, _written) = conn();
+        let turn = || {
+            Some(
+                server
+                    .init_turn
+                    .clone()
+                    .try_lock_owned()
+                    .expect("the turn is free"),
+            )
+        };
+        let mut guard = post_guard(&conn, 1, false);
+        let mut msg = Map::new();
+        let (internal, _) = server
+            .register(&conn, &mut guard, &mut msg, None, None)
+            .unwrap();
+        // An `initialize` registered, never written: the POST ending gives its turn up.
+        lock(&conn.initializing).insert(internal, (Value::Null, turn()));
+        guard.unwritten = Some(internal);
+        drop(guard);
+        assert!(lock(&conn.initializing).is_empty());
+
+        // One written to a process that then ended: its POST ending gives the turn up.
+        let mut guard = post_guard(&conn, 2, false);
+        let (internal, _) = server
+            .register(&conn, &mut guard, &mut msg, None, None)
+            .unwrap();
+        lock(&conn.initializing).insert(internal, (Value::Null, turn()));
+        conn.closed.store(true, Ordering::Relaxed);
+        drop(guard);
+        assert!(lock(&conn.initializing).is_empty());
+
+        // Nothing more is registered on it.
+        let mut guard = post_guard(&conn, 3, false);
+        let refused = server.register(&conn, &mut guard, &mut msg, None, None);
+        assert!(refused.is_err());
+        assert!(lock(&conn.pending).is_empty());
     }
 
     #[tokio::test]
