@@ -91,13 +91,16 @@ async fn upstream() -> (String, Seen, CancellationToken) {
         .route(
             "/midstream",
             post(|| async {
-                // One event, then the stream ends without the answer.
+                // One event with nothing to resume from, then the stream ends without the answer.
+                let note = r#"{"jsonrpc":"2.0","method":"notifications/message","params":{"level":"info","data":"working"}}"#;
                 Response::builder()
                     .header("content-type", "text/event-stream")
-                    .body(Body::from("id: 1\ndata: \n\n"))
+                    .body(Body::from(format!("event: message\ndata: {note}\n\n")))
                     .unwrap()
             }),
         )
+        .route("/polling", polling(Duration::ZERO))
+        .route("/polling-slow", polling(Duration::from_secs(3)))
         .route(
             "/dup",
             post(|| async {
@@ -130,6 +133,48 @@ async fn upstream() -> (String, Seen, CancellationToken) {
     (url, seen, ct)
 }
 
+/// A server that ends a call's event stream after a priming event (an id, no data), as the spec's
+/// SSE polling allows, and answers on the stream the client resumes with `Last-Event-ID: 1`,
+/// after `delay`.
+fn polling(delay: Duration) -> axum::routing::MethodRouter {
+    let asked: Arc<Mutex<Value>> = Arc::default();
+    let remember = asked.clone();
+    post(move |body: String| async move {
+        *remember.lock().unwrap() = serde_json::from_str::<Value>(&body).unwrap()["id"].clone();
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from("id: 1\nretry: 100\ndata: \n\n"))
+            .unwrap()
+    })
+    .get(move |headers: HeaderMap| async move {
+        assert_eq!(headers["last-event-id"], "1");
+        tokio::time::sleep(delay).await;
+        let id = asked.lock().unwrap().clone();
+        let reply = json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":"mail jane.doe@example.com"}]}});
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from(format!("id: 2\nevent: message\ndata: {reply}\n\n")))
+            .unwrap()
+    })
+}
+
+/// Resumes an event stream of session-1 after the event `last`, as an agent; returns its body.
+async fn resume(url: &str, last: &str) -> String {
+    let res = reqwest::Client::new()
+        .get(url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", "session-1")
+        .header("last-event-id", last)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    tokio::time::timeout(PATIENCE, res.text())
+        .await
+        .expect("the resumed stream ends")
+        .unwrap()
+}
+
 async fn post_json(url: &str, body: impl Into<reqwest::Body>) -> (u16, HeaderMap, String) {
     let res = reqwest::Client::new()
         .post(url)
@@ -152,10 +197,20 @@ fn call(id: u64, tool: &str, args: Value) -> Value {
 }
 
 async fn sidecar_for(url: &str, extra: &str) -> Sidecar {
-    let upstreams = ["rpc", "sse", "garbage", "midstream", "hang", "dup", "plain"]
-        .iter()
-        .map(|p| format!("  - name: {p}\n    mcp_url: {url}/{p}\n"))
-        .collect::<String>();
+    let upstreams = [
+        "rpc",
+        "sse",
+        "garbage",
+        "midstream",
+        "hang",
+        "dup",
+        "plain",
+        "polling",
+        "polling-slow",
+    ]
+    .iter()
+    .map(|p| format!("  - name: {p}\n    mcp_url: {url}/{p}\n"))
+    .collect::<String>();
     let limits =
         "name: limits\nrules:\n  - type: execution_limit\n    max_execution_time_ms: 2000\n";
     Sidecar::start_with(
@@ -241,6 +296,42 @@ async fn event_streams_pass_notifications_and_judge_answers() {
     assert!(body.contains("id: 2"), "event ids are kept: {body}");
     assert!(body.contains("[REDACTED:email]"), "{body}");
     assert!(!body.contains("jane.doe"), "{body}");
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_whose_stream_the_server_ends_for_polling_is_answered_when_the_agent_resumes() {
+    let (url, _, ct) = upstream().await;
+    let sidecar = sidecar_for(&url, "").await;
+    // The server ends the call's stream after giving an event id: the agent gets the event and
+    // no answer made up by the sidecar, so that it resumes.
+    let (status, _, body) = post_json(
+        &sidecar.mcp_url("polling"),
+        call(7, "echo", json!({})).to_string(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert!(body.contains("id: 1"), "{body}");
+    assert!(!body.contains("result"), "{body}");
+    // Resumed, the answer is judged as the call's and the call is counted.
+    let body = resume(&sidecar.mcp_url("polling"), "1").await;
+    assert!(body.contains("\"id\":7"), "{body}");
+    assert!(body.contains("[REDACTED:email]"), "{body}");
+    assert!(!body.contains("jane.doe"), "{body}");
+    let m = sidecar.metrics().await;
+    let counted = r#"perfecx_tool_calls_total{decision="redacted",tool="echo",upstream="polling"}"#;
+    assert_eq!(metric(&m, counted), Some(1.0), "{m}");
+
+    // The call's deadline (2 s) holds on the resumed stream.
+    post_json(
+        &sidecar.mcp_url("polling-slow"),
+        call(8, "echo", json!({})).to_string(),
+    )
+    .await;
+    let body = resume(&sidecar.mcp_url("polling-slow"), "1").await;
+    assert!(body.contains("within 2000 ms"), "{body}");
+    assert!(body.contains("\"isError\":true"), "{body}");
     sidecar.stop().await;
     ct.cancel();
 }

@@ -31,6 +31,7 @@ use super::output_filter::{OutputVerdict, check_output};
 use super::policies::Active;
 use super::policy_check::{CallVerdict, check_call, filter_tools};
 use super::rescue;
+use super::resume::{Deadline, Handovers};
 use super::sse;
 use super::upstream::{ReadError, Transport, Upstream, media_type_is, read_limited, send_http};
 
@@ -234,6 +235,7 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
         }
         _ => None,
     };
+    let resume = Resume::new(up, &parts.headers);
     let sending = send(shared, up, parts.method, parts.headers, out);
     let sent = match &deadline {
         Some((at, refusal)) => match tokio::time::timeout_at(*at, sending).await {
@@ -265,7 +267,7 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
         return res;
     }
     if media_type_is(res.headers(), "text/event-stream") {
-        return event_stream(res, tracker, active, deadline, local, cap);
+        return event_stream(res, tracker, active, deadline, local, cap, resume);
     }
     // Any other media type is read as JSON all the same when answers are awaited: an answer
     // must not reach the agent uninspected because of its label.
@@ -560,13 +562,40 @@ async fn other(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<B
         Err(res) => return res,
     };
     let is_get = parts.method == Method::GET;
-    let res = match send(shared, up, parts.method, parts.headers, bytes).await {
+    let resume = Resume::new(up, &parts.headers);
+    // A resumed stream answers the calls of its session's streams that the server ended early,
+    // under their deadline.
+    let resumed = is_get && parts.headers.contains_key("last-event-id");
+    let open = resumed
+        .then(|| resume.handovers.take(&resume.session))
+        .flatten();
+    let (mut tracker, deadline) = open.unwrap_or_else(|| (shared.tracker(up.name.clone()), None));
+    let sending = send(shared, up, parts.method, parts.headers, bytes);
+    let sent = match &deadline {
+        Some((at, refusal)) => match tokio::time::timeout_at(*at, sending).await {
+            Ok(r) => r.map_err(Refusal::from),
+            Err(_) => Err(refusal.clone()),
+        },
+        None => sending.await.map_err(Refusal::from),
+    };
+    let res = match sent {
         Ok(res) => res,
-        Err(e) => return rescue::http_error(&e.into()),
+        // The resumed calls are answered: the deadline passed, or the stream could not resume.
+        Err(refusal) if tracker.has_pending() => {
+            let events: Vec<u8> = tracker
+                .fail_all(&refusal)
+                .iter()
+                .flat_map(|a| sse::message_event(a))
+                .collect();
+            let mut res = Response::new(Body::from(events));
+            let sse = HeaderValue::from_static("text/event-stream");
+            res.headers_mut().insert(header::CONTENT_TYPE, sse);
+            return res;
+        }
+        Err(refusal) => return rescue::http_error(&refusal),
     };
     if is_get && res.status().is_success() && media_type_is(res.headers(), "text/event-stream") {
-        let tracker = shared.tracker(up.name.clone());
-        return event_stream(res, tracker, active, None, Vec::new(), cap);
+        return event_stream(res, tracker, active, deadline, Vec::new(), cap, resume);
     }
     res
 }
@@ -576,9 +605,30 @@ struct Stream {
     parser: sse::Parser,
     tracker: Tracker,
     active: Option<Arc<Active>>,
-    deadline: Option<(Instant, Refusal)>,
+    deadline: Deadline,
     queue: VecDeque<Bytes>,
     done: bool,
+    /// Where the open calls wait if the server ends the stream for the agent to resume.
+    resume: Resume,
+    /// Whether the server gave an event id, so that the agent can resume the stream.
+    resumable: bool,
+}
+
+/// Where the calls of a stream the server closed early wait for their agent to resume it.
+struct Resume {
+    handovers: Arc<Handovers>,
+    /// The agent's session id, empty without one.
+    session: String,
+}
+
+impl Resume {
+    fn new(up: &Upstream, headers: &HeaderMap) -> Resume {
+        let session = headers.get("mcp-session-id").and_then(|v| v.to_str().ok());
+        Resume {
+            handovers: up.handovers.clone(),
+            session: session.unwrap_or_default().to_owned(),
+        }
+    }
 }
 
 /// Passes an event stream on event by event, inspecting the answers in it; the sidecar's own
@@ -587,9 +637,10 @@ fn event_stream(
     res: Response<Body>,
     tracker: Tracker,
     active: Option<Arc<Active>>,
-    deadline: Option<(Instant, Refusal)>,
+    deadline: Deadline,
     local: Vec<String>,
     cap: u64,
+    resume: Resume,
 ) -> Response<Body> {
     let (parts, body) = res.into_parts();
     let queue = local
@@ -604,6 +655,8 @@ fn event_stream(
         deadline,
         queue,
         done: false,
+        resume,
+        resumable: false,
     };
     let stream = futures_util::stream::unfold(state, next_chunk);
     Response::from_parts(parts, Body::from_stream(stream))
@@ -628,9 +681,11 @@ async fn next_chunk(mut st: Stream) -> Option<(Result<Bytes, Infallible>, Stream
             .filter(|_| st.tracker.has_calls())
             .map(|(at, _)| *at);
         let step = match deadline {
+            // A deadline that has passed wins over an answer that is ready too.
             Some(at) => tokio::select! {
-                f = st.body.frame() => Step::Frame(f),
+                biased;
                 _ = tokio::time::sleep_until(at) => Step::Deadline,
+                f = st.body.frame() => Step::Frame(f),
             },
             None => Step::Frame(st.body.frame().await),
         };
@@ -662,7 +717,17 @@ async fn next_chunk(mut st: Stream) -> Option<(Result<Bytes, Infallible>, Stream
                     st.event(event);
                 }
                 if st.tracker.has_pending() {
-                    st.fail_upstream("closed the stream before answering".into());
+                    if st.resumable {
+                        // Ended for the agent to resume: the answers come on a GET stream.
+                        let open = st.tracker.take_open();
+                        let resume = &st.resume;
+                        let session = resume.session.clone();
+                        resume
+                            .handovers
+                            .hand_over(session, open, st.deadline.take());
+                    } else {
+                        st.fail_upstream("closed the stream before answering".into());
+                    }
                 }
                 st.done = true;
             }
@@ -672,6 +737,7 @@ async fn next_chunk(mut st: Stream) -> Option<(Result<Bytes, Infallible>, Stream
 
 impl Stream {
     fn event(&mut self, event: sse::Event) {
+        self.resumable = self.resumable || event.has_id();
         let inspected = match event.data() {
             Some(data) if !data.trim().is_empty() => {
                 inspect(&mut self.tracker, self.active.as_deref(), &data)

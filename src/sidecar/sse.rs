@@ -25,6 +25,14 @@ impl Event {
             .filter(|l| !l.is_empty())
     }
 
+    /// Whether the event has an id: a point the client can resume the stream from.
+    pub fn has_id(&self) -> bool {
+        self.lines().any(|l| {
+            l.strip_prefix(b"id:")
+                .is_some_and(|v| !v.trim_ascii().is_empty())
+        })
+    }
+
     /// Whether the event has a `data` field at all.
     pub fn has_data(&self) -> bool {
         self.lines()

@@ -15,6 +15,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::denial::{TooLarge, UpstreamFailed};
 use super::pool::Pool;
+use super::resume::Handovers;
 use super::stdio::StdioServer;
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -45,6 +46,8 @@ pub struct Upstream {
     pub host: Option<HeaderValue>,
     /// The connections to a plain HTTP tool ([`Transport::Http`]).
     pub pool: Option<Arc<Pool>>,
+    /// Calls whose event stream the MCP server closed for the agent to resume.
+    pub handovers: Arc<Handovers>,
 }
 
 impl Upstream {
@@ -62,6 +65,7 @@ impl Upstream {
             transport,
             host,
             pool,
+            handovers: Arc::default(),
         }
     }
 }
