@@ -102,6 +102,16 @@ async fn upstream() -> (String, Seen, CancellationToken) {
         .route("/polling", polling(Duration::ZERO))
         .route("/polling-slow", polling(Duration::from_secs(3)))
         .route(
+            "/polling-gone",
+            // Ends the stream for the client to resume, and then cannot resume it (405).
+            post(|| async {
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from("id: 1\nretry: 10\ndata: \n\n"))
+                    .unwrap()
+            }),
+        )
+        .route(
             "/dup",
             post(|| async {
                 let two = r#"{"jsonrpc":"2.0","id":1,"result":{"content":[]},"result":{"content":[{"type":"text","text":"key AKIAIOSFODNN7EXAMPLE"}]}}"#;
@@ -147,7 +157,9 @@ fn polling(delay: Duration) -> axum::routing::MethodRouter {
             .unwrap()
     })
     .get(move |headers: HeaderMap| async move {
+        // Resumed as the agent would: its session, after the last event given.
         assert_eq!(headers["last-event-id"], "1");
+        assert_eq!(headers["mcp-session-id"], "session-1");
         tokio::time::sleep(delay).await;
         let id = asked.lock().unwrap().clone();
         let reply = json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":"mail jane.doe@example.com"}]}});
@@ -156,23 +168,6 @@ fn polling(delay: Duration) -> axum::routing::MethodRouter {
             .body(Body::from(format!("id: 2\nevent: message\ndata: {reply}\n\n")))
             .unwrap()
     })
-}
-
-/// Resumes an event stream of session-1 after the event `last`, as an agent; returns its body.
-async fn resume(url: &str, last: &str) -> String {
-    let res = reqwest::Client::new()
-        .get(url)
-        .header("accept", "text/event-stream")
-        .header("mcp-session-id", "session-1")
-        .header("last-event-id", last)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(res.status(), 200);
-    tokio::time::timeout(PATIENCE, res.text())
-        .await
-        .expect("the resumed stream ends")
-        .unwrap()
 }
 
 async fn post_json(url: &str, body: impl Into<reqwest::Body>) -> (u16, HeaderMap, String) {
@@ -207,6 +202,7 @@ async fn sidecar_for(url: &str, extra: &str) -> Sidecar {
         "plain",
         "polling",
         "polling-slow",
+        "polling-gone",
     ]
     .iter()
     .map(|p| format!("  - name: {p}\n    mcp_url: {url}/{p}\n"))
@@ -301,21 +297,22 @@ async fn event_streams_pass_notifications_and_judge_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_call_whose_stream_the_server_ends_for_polling_is_answered_when_the_agent_resumes() {
+async fn a_stream_the_server_ends_for_polling_is_resumed_by_the_sidecar() {
     let (url, _, ct) = upstream().await;
     let sidecar = sidecar_for(&url, "").await;
-    // The server ends the call's stream after giving an event id: the agent gets the event and
-    // no answer made up by the sidecar, so that it resumes.
+    // The server ends the call's stream after giving an event id; the sidecar resumes it, and
+    // the answer comes on the agent's stream, judged and counted as the call's.
     let (status, _, body) = post_json(
         &sidecar.mcp_url("polling"),
         call(7, "echo", json!({})).to_string(),
     )
     .await;
     assert_eq!(status, 200);
-    assert!(body.contains("id: 1"), "{body}");
-    assert!(!body.contains("result"), "{body}");
-    // Resumed, the answer is judged as the call's and the call is counted.
-    let body = resume(&sidecar.mcp_url("polling"), "1").await;
+    assert!(
+        body.contains("id: 1\n"),
+        "the agent gets the events: {body}"
+    );
+    assert!(body.contains("id: 2\n"), "{body}");
     assert!(body.contains("\"id\":7"), "{body}");
     assert!(body.contains("[REDACTED:email]"), "{body}");
     assert!(!body.contains("jane.doe"), "{body}");
@@ -323,14 +320,22 @@ async fn a_call_whose_stream_the_server_ends_for_polling_is_answered_when_the_ag
     let counted = r#"perfecx_tool_calls_total{decision="redacted",tool="echo",upstream="polling"}"#;
     assert_eq!(metric(&m, counted), Some(1.0), "{m}");
 
-    // The call's deadline (2 s) holds on the resumed stream.
-    post_json(
+    // The call's deadline (2 s) holds while the stream is resumed.
+    let (_, _, body) = post_json(
         &sidecar.mcp_url("polling-slow"),
         call(8, "echo", json!({})).to_string(),
     )
     .await;
-    let body = resume(&sidecar.mcp_url("polling-slow"), "1").await;
     assert!(body.contains("within 2000 ms"), "{body}");
+    assert!(body.contains("\"isError\":true"), "{body}");
+
+    // A stream that cannot be resumed gets a clear error.
+    let (_, _, body) = post_json(
+        &sidecar.mcp_url("polling-gone"),
+        call(9, "echo", json!({})).to_string(),
+    )
+    .await;
+    assert!(body.contains("resuming it got 405"), "{body}");
     assert!(body.contains("\"isError\":true"), "{body}");
     sidecar.stop().await;
     ct.cancel();

@@ -181,22 +181,6 @@ impl Tracker {
         !self.pending.is_empty()
     }
 
-    /// The open requests, moved to a tracker of their own (to wait for a resumed stream).
-    pub fn take_open(&mut self) -> Tracker {
-        Tracker {
-            upstream: self.upstream.clone(),
-            metrics: self.metrics.clone(),
-            reporter: self.reporter.clone(),
-            pending: std::mem::take(&mut self.pending),
-            alert_after: self.alert_after.clone(),
-        }
-    }
-
-    /// Takes over the open requests of `other`.
-    pub fn adopt(&mut self, mut other: Tracker) {
-        self.pending.extend(std::mem::take(&mut other.pending));
-    }
-
     /// A call the sidecar answered itself: it never reached the tool.
     pub fn refused(&self, tool: &str, refusal: &Refusal, span: tracing::Span) {
         span.record("decision", "blocked");

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header,
+};
 use http_body_util::BodyExt;
 use perfecx_policy::{Content, Enforcement};
 use serde::Deserialize;
@@ -31,7 +33,6 @@ use super::output_filter::{OutputVerdict, check_output};
 use super::policies::Active;
 use super::policy_check::{CallVerdict, check_call, filter_tools};
 use super::rescue;
-use super::resume::{Deadline, Handovers};
 use super::sse;
 use super::upstream::{ReadError, Transport, Upstream, media_type_is, read_limited, send_http};
 
@@ -103,7 +104,7 @@ pub async fn read_request(body: Body, cap: u64) -> Result<Bytes, Response<Body>>
     }
 }
 
-async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Body> {
+async fn post(shared: &Arc<Shared>, up: &Arc<Upstream>, req: Request<Body>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let active = shared.policies.current();
     let cap = shared.body_cap(active.as_deref().ok());
@@ -235,7 +236,7 @@ async fn post(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<Bo
         }
         _ => None,
     };
-    let resume = Resume::new(up, &parts.headers);
+    let resume = Resume::new(shared, up, &parts.headers);
     let sending = send(shared, up, parts.method, parts.headers, out);
     let sent = match &deadline {
         Some((at, refusal)) => match tokio::time::timeout_at(*at, sending).await {
@@ -562,40 +563,13 @@ async fn other(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<B
         Err(res) => return res,
     };
     let is_get = parts.method == Method::GET;
-    let resume = Resume::new(up, &parts.headers);
-    // A resumed stream answers the calls of its session's streams that the server ended early,
-    // under their deadline.
-    let resumed = is_get && parts.headers.contains_key("last-event-id");
-    let open = resumed
-        .then(|| resume.handovers.take(&resume.session))
-        .flatten();
-    let (mut tracker, deadline) = open.unwrap_or_else(|| (shared.tracker(up.name.clone()), None));
-    let sending = send(shared, up, parts.method, parts.headers, bytes);
-    let sent = match &deadline {
-        Some((at, refusal)) => match tokio::time::timeout_at(*at, sending).await {
-            Ok(r) => r.map_err(Refusal::from),
-            Err(_) => Err(refusal.clone()),
-        },
-        None => sending.await.map_err(Refusal::from),
-    };
-    let res = match sent {
+    let res = match send(shared, up, parts.method, parts.headers, bytes).await {
         Ok(res) => res,
-        // The resumed calls are answered: the deadline passed, or the stream could not resume.
-        Err(refusal) if tracker.has_pending() => {
-            let events: Vec<u8> = tracker
-                .fail_all(&refusal)
-                .iter()
-                .flat_map(|a| sse::message_event(a))
-                .collect();
-            let mut res = Response::new(Body::from(events));
-            let sse = HeaderValue::from_static("text/event-stream");
-            res.headers_mut().insert(header::CONTENT_TYPE, sse);
-            return res;
-        }
-        Err(refusal) => return rescue::http_error(&refusal),
+        Err(e) => return rescue::http_error(&e.into()),
     };
     if is_get && res.status().is_success() && media_type_is(res.headers(), "text/event-stream") {
-        return event_stream(res, tracker, active, deadline, Vec::new(), cap, resume);
+        let tracker = shared.tracker(up.name.clone());
+        return event_stream(res, tracker, active, None, Vec::new(), cap, None);
     }
     res
 }
@@ -605,31 +579,90 @@ struct Stream {
     parser: sse::Parser,
     tracker: Tracker,
     active: Option<Arc<Active>>,
-    deadline: Deadline,
+    deadline: Option<(Instant, Refusal)>,
     queue: VecDeque<Bytes>,
     done: bool,
-    /// Where the open calls wait if the server ends the stream for the agent to resume.
-    resume: Resume,
-    /// Whether the server gave an event id, so that the agent can resume the stream.
-    resumable: bool,
+    resume: Option<Resume>,
 }
 
-/// Where the calls of a stream the server closed early wait for their agent to resume it.
+/// How the sidecar picks up an answer stream that the server ends before its answers, having
+/// given an event id: the 2025-11-25 spec's SSE polling, where the client resumes with a GET and
+/// `Last-Event-ID`. The sidecar resumes it itself, so that the answers still come on the
+/// stream the agent holds, judged, counted and under their deadline as if it had not ended.
 struct Resume {
-    handovers: Arc<Handovers>,
-    /// The agent's session id, empty without one.
-    session: String,
+    shared: Arc<Shared>,
+    up: Arc<Upstream>,
+    uri: Uri,
+    /// The request's headers, sent again with the GET (the session id, the protocol version,
+    /// credentials).
+    headers: HeaderMap,
+    /// The last event id the server gave on the stream.
+    last_event_id: Option<HeaderValue>,
+    /// How long the server asked clients to wait before they reconnect.
+    retry: Duration,
+    /// Times resumed since the server last gave a new event id.
+    idle: u32,
 }
+
+/// Wait before resuming when the server did not say (as the SDK clients do).
+const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+/// Resumes in a row that bring no new event before the sidecar gives up.
+const MAX_IDLE_RESUMES: u32 = 3;
 
 impl Resume {
-    fn new(up: &Upstream, headers: &HeaderMap) -> Resume {
-        let session = headers.get("mcp-session-id").and_then(|v| v.to_str().ok());
-        Resume {
-            handovers: up.handovers.clone(),
-            session: session.unwrap_or_default().to_owned(),
+    /// For an MCP server over HTTP; a stdio server never ends an answer early.
+    fn new(shared: &Arc<Shared>, up: &Arc<Upstream>, headers: &HeaderMap) -> Option<Resume> {
+        let Transport::Mcp(uri) = &up.transport else {
+            return None;
+        };
+        let mut headers = headers.clone();
+        for h in [
+            header::CONTENT_TYPE,
+            header::CONTENT_LENGTH,
+            header::TRANSFER_ENCODING,
+        ] {
+            headers.remove(h);
         }
+        headers.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        Some(Resume {
+            shared: shared.clone(),
+            up: up.clone(),
+            uri: uri.clone(),
+            headers,
+            last_event_id: None,
+            retry: DEFAULT_RETRY,
+            idle: 0,
+        })
+    }
+
+    /// The resumed stream's body, or why there is none.
+    async fn resume(&mut self) -> Result<Body, String> {
+        let ended = "closed the stream before answering";
+        let Some(last) = self.last_event_id.clone() else {
+            return Err(ended.into());
+        };
+        self.idle += 1;
+        if self.idle > MAX_IDLE_RESUMES {
+            return Err(format!("{ended}, {MAX_IDLE_RESUMES} times in a row"));
+        }
+        tokio::time::sleep(self.retry).await;
+        let mut headers = self.headers.clone();
+        headers.insert(LAST_EVENT_ID, last);
+        let (client, uri) = (&self.shared.client, self.uri.clone());
+        let res = send_http(client, &self.up, Method::GET, uri, headers, Bytes::new())
+            .await
+            .map_err(|e| format!("{ended}, and resuming it failed: {}", e.reason))?;
+        if !res.status().is_success() || !media_type_is(res.headers(), "text/event-stream") {
+            return Err(format!("{ended}, and resuming it got {}", res.status()));
+        }
+        Ok(res.into_body())
     }
 }
+
+const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
 
 /// Passes an event stream on event by event, inspecting the answers in it; the sidecar's own
 /// answers go first.
@@ -637,10 +670,10 @@ fn event_stream(
     res: Response<Body>,
     tracker: Tracker,
     active: Option<Arc<Active>>,
-    deadline: Deadline,
+    deadline: Option<(Instant, Refusal)>,
     local: Vec<String>,
     cap: u64,
-    resume: Resume,
+    resume: Option<Resume>,
 ) -> Response<Body> {
     let (parts, body) = res.into_parts();
     let queue = local
@@ -656,7 +689,6 @@ fn event_stream(
         queue,
         done: false,
         resume,
-        resumable: false,
     };
     let stream = futures_util::stream::unfold(state, next_chunk);
     Response::from_parts(parts, Body::from_stream(stream))
@@ -716,20 +748,38 @@ async fn next_chunk(mut st: Stream) -> Option<(Result<Bytes, Infallible>, Stream
                 if let Some(event) = st.parser.finish() {
                     st.event(event);
                 }
-                if st.tracker.has_pending() {
-                    if st.resumable {
-                        // Ended for the agent to resume: the answers come on a GET stream.
-                        let open = st.tracker.take_open();
-                        let resume = &st.resume;
-                        let session = resume.session.clone();
-                        resume
-                            .handovers
-                            .hand_over(session, open, st.deadline.take());
-                    } else {
-                        st.fail_upstream("closed the stream before answering".into());
+                if !st.tracker.has_pending() {
+                    st.done = true;
+                    continue;
+                }
+                let deadline = st
+                    .deadline
+                    .as_ref()
+                    .filter(|_| st.tracker.has_calls())
+                    .map(|(at, _)| *at);
+                let resuming = async {
+                    match st.resume.as_mut() {
+                        Some(r) => r.resume().await,
+                        None => Err("closed the stream before answering".into()),
+                    }
+                };
+                let resumed = match deadline {
+                    Some(at) => tokio::select! {
+                        biased;
+                        _ = tokio::time::sleep_until(at) => None,
+                        r = resuming => Some(r),
+                    },
+                    None => Some(resuming.await),
+                };
+                match resumed {
+                    Some(Ok(body)) => st.body = body,
+                    Some(Err(reason)) => st.fail_upstream(reason),
+                    None => {
+                        if let Some((_, refusal)) = st.deadline.take() {
+                            st.fail(&refusal);
+                        }
                     }
                 }
-                st.done = true;
             }
         }
     }
@@ -737,7 +787,17 @@ async fn next_chunk(mut st: Stream) -> Option<(Result<Bytes, Infallible>, Stream
 
 impl Stream {
     fn event(&mut self, event: sse::Event) {
-        self.resumable = self.resumable || event.has_id();
+        if let Some(r) = self.resume.as_mut() {
+            if let Some(id) = event.id().and_then(|id| HeaderValue::from_str(id).ok()) {
+                if r.last_event_id.as_ref() != Some(&id) {
+                    r.idle = 0;
+                }
+                r.last_event_id = Some(id);
+            }
+            if let Some(ms) = event.retry() {
+                r.retry = Duration::from_millis(ms);
+            }
+        }
         let inspected = match event.data() {
             Some(data) if !data.trim().is_empty() => {
                 inspect(&mut self.tracker, self.active.as_deref(), &data)

@@ -37,7 +37,6 @@ mod pool;
 pub mod reload;
 pub mod report;
 pub mod rescue;
-pub mod resume;
 mod serve;
 pub mod spool;
 pub mod sse;

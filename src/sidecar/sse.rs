@@ -25,12 +25,26 @@ impl Event {
             .filter(|l| !l.is_empty())
     }
 
-    /// Whether the event has an id: a point the client can resume the stream from.
-    pub fn has_id(&self) -> bool {
-        self.lines().any(|l| {
-            l.strip_prefix(b"id:")
-                .is_some_and(|v| !v.trim_ascii().is_empty())
-        })
+    /// The value of a field (the last, if several), its one leading space removed.
+    fn field(&self, name: &[u8]) -> Option<&[u8]> {
+        self.lines()
+            .filter_map(|l| l.strip_prefix(name)?.strip_prefix(b":"))
+            .map(|v| v.strip_prefix(b" ").unwrap_or(v))
+            .last()
+    }
+
+    /// The event's id, if it has one: where a client resumes the stream from.
+    pub fn id(&self) -> Option<&str> {
+        let id = std::str::from_utf8(self.field(b"id")?).ok()?;
+        (!id.is_empty()).then_some(id)
+    }
+
+    /// How long the server asks clients to wait before they reconnect, in milliseconds.
+    pub fn retry(&self) -> Option<u64> {
+        std::str::from_utf8(self.field(b"retry")?)
+            .ok()?
+            .parse()
+            .ok()
     }
 
     /// Whether the event has a `data` field at all.
@@ -127,6 +141,7 @@ impl Parser {
 
     /// What is left when the stream ends (an event without its final blank line), if anything.
     pub fn finish(&mut self) -> Option<Event> {
+        self.scanned = 0;
         let raw = std::mem::take(&mut self.buf);
         raw.iter()
             .any(|b| !b.is_ascii_whitespace())
@@ -173,6 +188,18 @@ mod tests {
         let rewritten = all[0].with_data("{}");
         assert_eq!(rewritten, b"id: 1\nevent: message\ndata: {}\n\n");
         assert!(p.finish().is_none());
+    }
+
+    #[test]
+    fn reads_the_id_and_retry_a_client_resumes_by() {
+        let mut p = Parser::new(1024);
+        let events = p
+            .push(b"id: 7\nretry: 250\ndata: \n\nid:8\nid: 9\ndata: x\n\nid:\nretry: soon\n\ndata: y\n\n")
+            .unwrap();
+        assert_eq!((events[0].id(), events[0].retry()), (Some("7"), Some(250)));
+        assert_eq!((events[1].id(), events[1].retry()), (Some("9"), None));
+        assert_eq!((events[2].id(), events[2].retry()), (None, None));
+        assert_eq!((events[3].id(), events[3].retry()), (None, None));
     }
 
     #[test]

@@ -15,7 +15,6 @@ use hyper_util::rt::TokioExecutor;
 
 use super::denial::{TooLarge, UpstreamFailed};
 use super::pool::Pool;
-use super::resume::Handovers;
 use super::stdio::StdioServer;
 
 pub type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -46,8 +45,6 @@ pub struct Upstream {
     pub host: Option<HeaderValue>,
     /// The connections to a plain HTTP tool ([`Transport::Http`]).
     pub pool: Option<Arc<Pool>>,
-    /// Calls whose event stream the MCP server closed for the agent to resume.
-    pub handovers: Arc<Handovers>,
 }
 
 impl Upstream {
@@ -65,7 +62,6 @@ impl Upstream {
             transport,
             host,
             pool,
-            handovers: Arc::default(),
         }
     }
 }
