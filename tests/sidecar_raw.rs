@@ -99,6 +99,26 @@ async fn upstream() -> (String, Seen, CancellationToken) {
                     .unwrap()
             }),
         )
+        .route("/crlf", sse_answer(|reply| format!("id: 1\rdata: {reply}\r\r")))
+        .route("/bom", sse_answer(|reply| format!("\u{feff}data: {reply}\n\n")))
+        .route(
+            "/unfinished",
+            // An event left unfinished when the stream ends, then finished by the resumed stream's
+            // first bytes, which read as a comment on their own.
+            post(|| async {
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from("id: 1\nretry: 10\ndata"))
+                    .unwrap()
+            })
+            .get(|| async {
+                let reply = r#"{"jsonrpc":"2.0","id":5,"result":{"content":[{"type":"text","text":"mail jane.doe@example.com"}]}}"#;
+                Response::builder()
+                    .header("content-type", "text/event-stream")
+                    .body(Body::from(format!(": {reply}\n\n")))
+                    .unwrap()
+            }),
+        )
         .route("/polling", polling(Duration::ZERO))
         .route("/polling-slow", polling(Duration::from_secs(3)))
         .route(
@@ -141,6 +161,18 @@ async fn upstream() -> (String, Seen, CancellationToken) {
     let ct = CancellationToken::new();
     let url = serve(router, ct.clone()).await;
     (url, seen, ct)
+}
+
+/// A server that answers a call with an event stream written by `events` around the answer.
+fn sse_answer(events: fn(&str) -> String) -> axum::routing::MethodRouter {
+    post(move |body: String| async move {
+        let id = serde_json::from_str::<Value>(&body).unwrap()["id"].clone();
+        let reply = json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":"mail jane.doe@example.com"}]}});
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from(events(&reply.to_string())))
+            .unwrap()
+    })
 }
 
 /// A server that ends a call's event stream after a priming event (an id, no data), as the spec's
@@ -203,6 +235,9 @@ async fn sidecar_for(url: &str, extra: &str) -> Sidecar {
         "polling",
         "polling-slow",
         "polling-gone",
+        "crlf",
+        "bom",
+        "unfinished",
     ]
     .iter()
     .map(|p| format!("  - name: {p}\n    mcp_url: {url}/{p}\n"))
@@ -337,6 +372,41 @@ async fn a_stream_the_server_ends_for_polling_is_resumed_by_the_sidecar() {
     .await;
     assert!(body.contains("resuming it got 405"), "{body}");
     assert!(body.contains("\"isError\":true"), "{body}");
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_streams_are_judged_as_any_client_reads_them() {
+    let (url, _, ct) = upstream().await;
+    let sidecar = sidecar_for(&url, "").await;
+    // Lines ended by a lone CR, a byte-order mark before the first field: a client reads the
+    // answer in each, so the sidecar does too, and passes on what it judged.
+    for upstream in ["crlf", "bom"] {
+        let (_, _, body) = post_json(
+            &sidecar.mcp_url(upstream),
+            call(4, "echo", json!({})).to_string(),
+        )
+        .await;
+        assert!(body.contains("[REDACTED:email]"), "{upstream}: {body:?}");
+        assert!(!body.contains("jane.doe"), "{upstream}: {body:?}");
+        assert!(
+            !body.contains('\r') && !body.contains('\u{feff}'),
+            "{body:?}"
+        );
+    }
+    // An event the server leaves unfinished is not passed on, nor resumed from: the resumed
+    // stream's first bytes cannot finish it unjudged.
+    let (_, _, body) = post_json(
+        &sidecar.mcp_url("unfinished"),
+        call(5, "echo", json!({})).to_string(),
+    )
+    .await;
+    assert!(!body.contains("jane.doe"), "{body:?}");
+    assert!(
+        body.contains("closed the stream before answering"),
+        "{body}"
+    );
     sidecar.stop().await;
     ct.cancel();
 }

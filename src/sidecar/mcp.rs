@@ -236,7 +236,7 @@ async fn post(shared: &Arc<Shared>, up: &Arc<Upstream>, req: Request<Body>) -> R
         }
         _ => None,
     };
-    let resume = Resume::new(shared, up, &parts.headers);
+    let mut resume = Resume::new(shared, up, &parts.headers);
     let sending = send(shared, up, parts.method, parts.headers, out);
     let sent = match &deadline {
         Some((at, refusal)) => match tokio::time::timeout_at(*at, sending).await {
@@ -268,6 +268,9 @@ async fn post(shared: &Arc<Shared>, up: &Arc<Upstream>, req: Request<Body>) -> R
         return res;
     }
     if media_type_is(res.headers(), "text/event-stream") {
+        if let Some(r) = resume.as_mut() {
+            r.session_from(res.headers());
+        }
         return event_stream(res, tracker, active, deadline, local, cap, resume);
     }
     // Any other media type is read as JSON all the same when answers are awaited: an answer
@@ -597,16 +600,18 @@ struct Resume {
     /// credentials).
     headers: HeaderMap,
     /// The last event id the server gave on the stream.
-    last_event_id: Option<HeaderValue>,
+    last_event_id: Option<String>,
     /// How long the server asked clients to wait before they reconnect.
     retry: Duration,
-    /// Times resumed since the server last gave a new event id.
+    /// Times resumed since the server last sent a message.
     idle: u32,
 }
 
 /// Wait before resuming when the server did not say (as the SDK clients do).
 const DEFAULT_RETRY: Duration = Duration::from_secs(1);
-/// Resumes in a row that bring no new event before the sidecar gives up.
+/// The shortest wait before resuming, whatever the server says.
+const MIN_RETRY: Duration = Duration::from_millis(100);
+/// Resumes in a row that bring no message before the sidecar gives up.
 const MAX_IDLE_RESUMES: u32 = 3;
 
 impl Resume {
@@ -638,11 +643,23 @@ impl Resume {
         })
     }
 
+    /// Sends the GET with the session id the server gave in its answer (to an `initialize`).
+    fn session_from(&mut self, answer: &HeaderMap) {
+        if let Some(session) = answer.get(MCP_SESSION_ID) {
+            self.headers.insert(MCP_SESSION_ID, session.clone());
+        }
+    }
+
     /// The resumed stream's body, or why there is none.
     async fn resume(&mut self) -> Result<Body, String> {
         let ended = "closed the stream before answering";
-        let Some(last) = self.last_event_id.clone() else {
+        let Some(last) = self.last_event_id.as_deref() else {
             return Err(ended.into());
+        };
+        let Ok(last) = HeaderValue::from_str(last) else {
+            return Err(format!(
+                "{ended}, after an event id that cannot be sent back"
+            ));
         };
         self.idle += 1;
         if self.idle > MAX_IDLE_RESUMES {
@@ -663,6 +680,7 @@ impl Resume {
 }
 
 const LAST_EVENT_ID: HeaderName = HeaderName::from_static("last-event-id");
+const MCP_SESSION_ID: HeaderName = HeaderName::from_static("mcp-session-id");
 
 /// Passes an event stream on event by event, inspecting the answers in it; the sidecar's own
 /// answers go first.
@@ -745,8 +763,11 @@ async fn next_chunk(mut st: Stream) -> Option<(Result<Bytes, Infallible>, Stream
             }
             Step::Frame(Some(Err(e))) => st.fail_upstream(format!("the stream broke off: {e}")),
             Step::Frame(None) => {
-                if let Some(event) = st.parser.finish() {
-                    st.event(event);
+                // An event the server did not finish is not one to a client: not passed on (a
+                // resumed stream's first bytes would otherwise finish it unjudged), nor a point to
+                // resume from.
+                if st.parser.finish().is_some() {
+                    tracing::debug!(upstream = %st.tracker.upstream(), "dropping an event the server did not finish");
                 }
                 if !st.tracker.has_pending() {
                     st.done = true;
@@ -788,18 +809,19 @@ async fn next_chunk(mut st: Stream) -> Option<(Result<Bytes, Infallible>, Stream
 impl Stream {
     fn event(&mut self, event: sse::Event) {
         if let Some(r) = self.resume.as_mut() {
-            if let Some(id) = event.id().and_then(|id| HeaderValue::from_str(id).ok()) {
-                if r.last_event_id.as_ref() != Some(&id) {
-                    r.idle = 0;
-                }
-                r.last_event_id = Some(id);
+            if let Some(id) = event.id() {
+                // An empty id means nowhere to resume from.
+                r.last_event_id = (!id.is_empty()).then(|| id.to_owned());
             }
             if let Some(ms) = event.retry() {
-                r.retry = Duration::from_millis(ms);
+                r.retry = Duration::from_millis(ms).max(MIN_RETRY);
             }
         }
         let inspected = match event.data() {
             Some(data) if !data.trim().is_empty() => {
+                if let Some(r) = self.resume.as_mut() {
+                    r.idle = 0;
+                }
                 inspect(&mut self.tracker, self.active.as_deref(), &data)
             }
             // Data that is not UTF-8 cannot be inspected, so it is not passed on.

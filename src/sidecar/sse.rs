@@ -1,5 +1,10 @@
 //! Server-sent events, split event by event as bytes arrive, so that a stream is inspected
 //! without ever being buffered whole. Each event is capped.
+//!
+//! The events are passed on as they were read here, with their line endings made `\n` (a
+//! stream may end its lines with `\r\n`, `\n` or a lone `\r`) and a byte-order mark at its
+//! start removed: any client's parser then reads the same events, and the same fields in them,
+//! as the sidecar judged.
 
 /// One event: its raw bytes (terminating blank line included) and its joined `data` lines.
 pub struct Event {
@@ -19,10 +24,7 @@ impl Event {
     }
 
     fn lines(&self) -> impl Iterator<Item = &[u8]> {
-        self.raw
-            .split(|b| *b == b'\n')
-            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-            .filter(|l| !l.is_empty())
+        self.raw.split(|b| *b == b'\n').filter(|l| !l.is_empty())
     }
 
     /// The value of a field (the last, if several), its one leading space removed.
@@ -33,10 +35,10 @@ impl Event {
             .last()
     }
 
-    /// The event's id, if it has one: where a client resumes the stream from.
+    /// The event's id, if it has an `id` field: where a client resumes the stream from (empty:
+    /// from nowhere any more).
     pub fn id(&self) -> Option<&str> {
-        let id = std::str::from_utf8(self.field(b"id")?).ok()?;
-        (!id.is_empty()).then_some(id)
+        std::str::from_utf8(self.field(b"id")?).ok()
     }
 
     /// How long the server asks clients to wait before they reconnect, in milliseconds.
@@ -112,7 +114,13 @@ pub struct Parser {
     /// Where to resume looking for the end of the current event.
     scanned: usize,
     max: usize,
+    /// The last byte read was a `\r`: a `\n` right after it ends the same line.
+    after_cr: bool,
+    /// Nothing of the stream has been read yet, where a byte-order mark is not part of it.
+    at_start: bool,
 }
+
+const BYTE_ORDER_MARK: &[u8] = b"\xEF\xBB\xBF";
 
 impl Parser {
     pub fn new(max: usize) -> Parser {
@@ -120,12 +128,23 @@ impl Parser {
             buf: Vec::new(),
             scanned: 0,
             max,
+            after_cr: false,
+            at_start: true,
         }
     }
 
     /// Feeds bytes; returns the events they complete.
     pub fn push(&mut self, chunk: &[u8]) -> Result<Vec<Event>, EventTooLarge> {
-        self.buf.extend_from_slice(chunk);
+        self.append(chunk);
+        if self.at_start {
+            if self.buf.len() < BYTE_ORDER_MARK.len() && BYTE_ORDER_MARK.starts_with(&self.buf) {
+                return Ok(Vec::new());
+            }
+            if self.buf.starts_with(BYTE_ORDER_MARK) {
+                self.buf.drain(..BYTE_ORDER_MARK.len());
+            }
+            self.at_start = false;
+        }
         let mut events = Vec::new();
         while let Some(end) = self.event_end() {
             let rest = self.buf.split_off(end);
@@ -139,9 +158,40 @@ impl Parser {
         Ok(events)
     }
 
-    /// What is left when the stream ends (an event without its final blank line), if anything.
+    /// Appends bytes with every line ending made `\n`.
+    fn append(&mut self, chunk: &[u8]) {
+        let mut rest = chunk;
+        if self.after_cr && !rest.is_empty() {
+            rest = rest.strip_prefix(b"\n").unwrap_or(rest);
+            self.after_cr = false;
+        }
+        if !rest.contains(&b'\r') {
+            self.buf.extend_from_slice(rest);
+            return;
+        }
+        let mut i = 0;
+        while i < rest.len() {
+            match rest[i] {
+                b'\r' => {
+                    self.buf.push(b'\n');
+                    match rest.get(i + 1) {
+                        Some(b'\n') => i += 1,
+                        None => self.after_cr = true,
+                        Some(_) => {}
+                    }
+                }
+                b => self.buf.push(b),
+            }
+            i += 1;
+        }
+    }
+
+    /// What is left when the stream ends (an event without its final blank line, which a client
+    /// does not dispatch), if anything. The parser is then ready for another stream.
     pub fn finish(&mut self) -> Option<Event> {
         self.scanned = 0;
+        self.after_cr = false;
+        self.at_start = true;
         let raw = std::mem::take(&mut self.buf);
         raw.iter()
             .any(|b| !b.is_ascii_whitespace())
@@ -150,21 +200,14 @@ impl Parser {
 
     /// The index just past the blank line that ends the first event, if it has arrived.
     fn event_end(&mut self) -> Option<usize> {
-        let buf = &self.buf;
-        let mut i = self.scanned;
-        while i < buf.len() {
-            if buf[i] == b'\n' {
-                match (buf.get(i + 1), buf.get(i + 2)) {
-                    (Some(b'\n'), _) => return Some(i + 2),
-                    (Some(b'\r'), Some(b'\n')) => return Some(i + 3),
-                    (None, _) | (Some(b'\r'), None) => break,
-                    _ => {}
-                }
+        let from = self.scanned;
+        match self.buf[from..].windows(2).position(|w| w == b"\n\n") {
+            Some(at) => Some(from + at + 2),
+            None => {
+                self.scanned = self.buf.len().saturating_sub(1);
+                None
             }
-            i += 1;
         }
-        self.scanned = i.saturating_sub(1);
-        None
     }
 }
 
@@ -191,6 +234,26 @@ mod tests {
     }
 
     #[test]
+    fn reads_every_line_ending_and_a_byte_order_mark_as_a_client_does() {
+        let mut p = Parser::new(1024);
+        let mut all = Vec::new();
+        // A lone CR ends a line (and with another, an event); a CRLF split across chunks is one
+        // line ending; the mark at the start is not part of the first field's name.
+        let stream = b"\xEF\xBB\xBFid: 1\rdata: a\r\rdata: b\r\n\r\ndata: c\n\r\n";
+        for chunk in stream.chunks(1) {
+            all.extend(p.push(chunk).unwrap());
+        }
+        let data: Vec<_> = all.iter().map(|e| e.data()).collect();
+        assert_eq!(data, [Some("a".into()), Some("b".into()), Some("c".into())]);
+        assert_eq!(all[0].id(), Some("1"));
+        assert_eq!(all[0].raw(), b"id: 1\ndata: a\n\n");
+        assert!(p.finish().is_none());
+        // The parser reads the next stream from its start.
+        let next = p.push(b"\xEF\xBB\xBFdata: d\n\n").unwrap();
+        assert_eq!(next[0].data().as_deref(), Some("d"));
+    }
+
+    #[test]
     fn reads_the_id_and_retry_a_client_resumes_by() {
         let mut p = Parser::new(1024);
         let events = p
@@ -198,7 +261,7 @@ mod tests {
             .unwrap();
         assert_eq!((events[0].id(), events[0].retry()), (Some("7"), Some(250)));
         assert_eq!((events[1].id(), events[1].retry()), (Some("9"), None));
-        assert_eq!((events[2].id(), events[2].retry()), (None, None));
+        assert_eq!((events[2].id(), events[2].retry()), (Some(""), None));
         assert_eq!((events[3].id(), events[3].retry()), (None, None));
     }
 
