@@ -101,6 +101,27 @@ async fn upstream() -> (String, Seen, CancellationToken) {
         )
         .route("/crlf", sse_answer(|reply| format!("id: 1\rdata: {reply}\r\r")))
         .route("/bom", sse_answer(|reply| format!("\u{feff}data: {reply}\n\n")))
+        .route("/bom2", sse_answer(|reply| format!("\u{feff}\u{feff}data: {reply}\n\n")))
+        .route("/vt", sse_answer(|reply| format!(": x\u{b}data: {reply}\n\n")))
+        .route("/array", sse_answer(|reply| format!("data: [{reply}]\n\n")))
+        .route(
+            "/respelled",
+            // The id as 4.0, the key `content` with an escape: the same answer to a client.
+            sse_answer(|reply| {
+                let reply = reply.replace(r#""id":4"#, r#""id":4.0"#);
+                format!("data: {}\n\n", reply.replace(r#""content""#, r#""c\u006fntent""#))
+            }),
+        )
+        .route(
+            "/charset",
+            post(|| async {
+                let reply = r#"{"jsonrpc":"2.0","id":4,"result":{"content":[{"type":"text","text":"ok"}]}}"#;
+                Response::builder()
+                    .header("content-type", "text/event-stream; charset=utf-7")
+                    .body(Body::from(format!("data: {reply}\n\n")))
+                    .unwrap()
+            }),
+        )
         .route(
             "/unfinished",
             // An event left unfinished when the stream ends, then finished by the resumed stream's
@@ -238,6 +259,11 @@ async fn sidecar_for(url: &str, extra: &str) -> Sidecar {
         "crlf",
         "bom",
         "unfinished",
+        "bom2",
+        "vt",
+        "array",
+        "respelled",
+        "charset",
     ]
     .iter()
     .map(|p| format!("  - name: {p}\n    mcp_url: {url}/{p}\n"))
@@ -380,21 +406,38 @@ async fn a_stream_the_server_ends_for_polling_is_resumed_by_the_sidecar() {
 async fn event_streams_are_judged_as_any_client_reads_them() {
     let (url, _, ct) = upstream().await;
     let sidecar = sidecar_for(&url, "").await;
-    // Lines ended by a lone CR, a byte-order mark before the first field: a client reads the
-    // answer in each, so the sidecar does too, and passes on what it judged.
-    for upstream in ["crlf", "bom"] {
+    // Lines ended by a lone CR, a byte-order mark before the first field, a batch in one
+    // event, an answer spelled otherwise: a client reads the answer in each, so the sidecar
+    // judges it. A second mark, a line break some clients' splitters see in a comment: no
+    // answer to the sidecar, so none to the agent either, which gets an error instead. Either
+    // way only what was judged is passed on.
+    for upstream in ["crlf", "bom", "array", "respelled", "bom2", "vt"] {
         let (_, _, body) = post_json(
             &sidecar.mcp_url(upstream),
             call(4, "echo", json!({})).to_string(),
         )
         .await;
-        assert!(body.contains("[REDACTED:email]"), "{upstream}: {body:?}");
+        let judged = body.contains("[REDACTED:email]");
+        let refused = body.contains("closed the stream before answering");
+        assert!(judged != refused, "{upstream}: {body:?}");
+        assert_eq!(judged, !["bom2", "vt"].contains(&upstream), "{body:?}");
         assert!(!body.contains("jane.doe"), "{upstream}: {body:?}");
         assert!(
             !body.contains('\r') && !body.contains('\u{feff}'),
             "{body:?}"
         );
+        assert!(!body.contains('\u{b}'), "{body:?}");
     }
+    // What the sidecar read as UTF-8 is said to be UTF-8.
+    let res = reqwest::Client::new()
+        .post(sidecar.mcp_url("charset"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(call(4, "echo", json!({})).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
     // An event the server leaves unfinished is not passed on, nor resumed from: the resumed
     // stream's first bytes cannot finish it unjudged.
     let (_, _, body) = post_json(

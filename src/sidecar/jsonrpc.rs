@@ -212,6 +212,10 @@ pub enum Reply<'a> {
 }
 
 pub fn classify_reply(message: &str) -> Reply<'_> {
+    // An object only: the envelope would also be read from an array, field by field.
+    if !message.trim_start().starts_with('{') {
+        return Reply::Invalid;
+    }
     match serde_json::from_str::<Envelope<'_>>(message) {
         Ok(env) => reply(&env),
         Err(_) => Reply::Invalid,
@@ -235,10 +239,21 @@ fn reply<'a>(env: &Envelope<'a>) -> Reply<'a> {
 }
 
 /// A key for matching a response to its request: the id's JSON text without surrounding
-/// whitespace (`1` and `"1"` stay distinct, as JSON-RPC wants). It is valid JSON, so answers
-/// can embed it as the id.
+/// whitespace (`1` and `"1"` stay distinct, as JSON-RPC wants), a whole number written in its
+/// plain form (`4.0` and `4e0` are the `4` that clients match them with). It is valid JSON, so
+/// answers can embed it as the id.
 pub fn id_key(id: &RawValue) -> String {
-    id.get().trim().to_owned()
+    let text = id.get().trim();
+    let plain = text.bytes().all(|b| b.is_ascii_digit() || b == b'-');
+    if !plain && text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        if let Ok(n) = text.parse::<f64>() {
+            // Exactly representable, so no two ids become one.
+            if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
+                return format!("{}", n as i64);
+            }
+        }
+    }
+    text.to_owned()
 }
 
 /// `{"jsonrpc":"2.0","id":id,"result":result}`

@@ -6,7 +6,7 @@
 //! The order for one POST: read (capped) → parse → judge each call → forward what is allowed
 //! (under the deadline) → inspect each answer → add the sidecar's own answers.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use http::{
 use http_body_util::BodyExt;
 use perfecx_policy::{Content, Enforcement};
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
@@ -365,19 +366,7 @@ async fn json_answer(
             return answers(local, batch, &refusal);
         }
     };
-    let mut changed = false;
-    let mut out: Vec<String> = Vec::with_capacity(parsed.messages.len() + local.len());
-    for msg in &parsed.messages {
-        let reply = jsonrpc::classify_reply_message(msg);
-        match inspect_reply(&mut tracker, active, msg.get(), reply) {
-            Inspected::Keep => out.push(msg.get().to_owned()),
-            Inspected::Replace(new) => {
-                changed = true;
-                out.push(new);
-            }
-            Inspected::Drop => changed = true,
-        }
-    }
+    let (mut out, mut changed) = inspect_all(&mut tracker, active, &parsed);
     let reply_batch = parsed.batch;
     drop(parsed);
     if tracker.has_pending() {
@@ -386,6 +375,10 @@ async fn json_answer(
         out.extend(tracker.fail_all(&refusal));
         changed = true;
     }
+    // Read as UTF-8 JSON here, so said to be that: a client must not decode it otherwise.
+    let mut parts = parts;
+    let json = HeaderValue::from_static("application/json");
+    parts.headers.insert(header::CONTENT_TYPE, json);
     if !changed && local.is_empty() {
         return Response::from_parts(parts, Body::from(bytes));
     }
@@ -411,6 +404,44 @@ pub enum Inspected {
 /// One message from the server, judged if it answers a `tools/call` or `tools/list`.
 pub fn inspect(tracker: &mut Tracker, active: Option<&Active>, msg: &str) -> Inspected {
     inspect_reply(tracker, active, msg, jsonrpc::classify_reply(msg))
+}
+
+/// The data of an event: one message, or a batch of them (as servers of 2025-03-26 may send),
+/// each judged.
+fn inspect_data(tracker: &mut Tracker, active: Option<&Active>, data: &str) -> Inspected {
+    if !data.trim_start().starts_with('[') {
+        return inspect(tracker, active, data);
+    }
+    let Ok(parsed) = jsonrpc::parse_body(data.as_bytes()) else {
+        return Inspected::Drop;
+    };
+    let (out, changed) = inspect_all(tracker, active, &parsed);
+    match changed {
+        false => Inspected::Keep,
+        true => Inspected::Replace(jsonrpc::join(&out, true)),
+    }
+}
+
+/// Every message of a body, judged: what is passed on, and whether it differs from the body.
+fn inspect_all(
+    tracker: &mut Tracker,
+    active: Option<&Active>,
+    parsed: &jsonrpc::Body<'_>,
+) -> (Vec<String>, bool) {
+    let mut changed = false;
+    let mut out: Vec<String> = Vec::with_capacity(parsed.messages.len());
+    for msg in &parsed.messages {
+        let reply = jsonrpc::classify_reply_message(msg);
+        match inspect_reply(tracker, active, msg.get(), reply) {
+            Inspected::Keep => out.push(msg.get().to_owned()),
+            Inspected::Replace(new) => {
+                changed = true;
+                out.push(new);
+            }
+            Inspected::Drop => changed = true,
+        }
+    }
+    (out, changed)
 }
 
 /// [`inspect`], `msg` already classified.
@@ -539,17 +570,20 @@ fn apply(msg: &str, upstream: &str, verdict: OutputVerdict) -> Inspected {
 /// A result the sidecar did not see the request of (a resumed stream, a GET stream): judged by
 /// its shape, so that a tool list or a tool result is never shown unfiltered.
 fn unmatched(tracker: &Tracker, active: &Active, msg: &str, result: &RawValue) -> Inspected {
-    let raw = result.get();
-    if raw.contains("\"tools\"") {
+    // Its members as JSON reads them (escapes resolved), not as the text spells them.
+    let Ok(members) = serde_json::from_str::<HashMap<String, IgnoredAny>>(result.get()) else {
+        return Inspected::Keep;
+    };
+    if members.contains_key("tools") {
         if let Some(filtered) = filter_tools(active, result) {
             if let Some(m) = jsonrpc::with_result(msg, filtered) {
                 return Inspected::Replace(m);
             }
         }
     }
-    if raw.contains("\"content\"") {
+    if members.contains_key("content") || members.contains_key("structuredContent") {
         let upstream = tracker.upstream().to_owned();
-        let verdict = check_output(active, tracker, "", Content::Json(raw));
+        let verdict = check_output(active, tracker, "", Content::Json(result.get()));
         return apply(msg, &upstream, verdict);
     }
     Inspected::Keep
@@ -693,7 +727,10 @@ fn event_stream(
     cap: u64,
     resume: Option<Resume>,
 ) -> Response<Body> {
-    let (parts, body) = res.into_parts();
+    let (mut parts, body) = res.into_parts();
+    // Read as UTF-8 here (as SSE is), so said to be that: a client must not decode it otherwise.
+    let sse = HeaderValue::from_static("text/event-stream");
+    parts.headers.insert(header::CONTENT_TYPE, sse);
     let queue = local
         .iter()
         .map(|m| Bytes::from(sse::message_event(m)))
@@ -817,20 +854,21 @@ impl Stream {
                 r.retry = Duration::from_millis(ms).max(MIN_RETRY);
             }
         }
-        let inspected = match event.data() {
+        let data = event.data();
+        let inspected = match &data {
             Some(data) if !data.trim().is_empty() => {
                 if let Some(r) = self.resume.as_mut() {
                     r.idle = 0;
                 }
-                inspect(&mut self.tracker, self.active.as_deref(), &data)
+                inspect_data(&mut self.tracker, self.active.as_deref(), data)
             }
             // Data that is not UTF-8 cannot be inspected, so it is not passed on.
             None if event.has_data() => Inspected::Drop,
             _ => Inspected::Keep,
         };
         match inspected {
-            Inspected::Keep => self.queue.push_back(Bytes::from(event.into_raw())),
-            Inspected::Replace(new) => self.queue.push_back(Bytes::from(event.with_data(&new))),
+            Inspected::Keep => self.queue.push_back(event.rebuilt(data.as_deref()).into()),
+            Inspected::Replace(new) => self.queue.push_back(event.rebuilt(Some(&new)).into()),
             Inspected::Drop => {}
         }
     }

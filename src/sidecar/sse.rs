@@ -1,10 +1,10 @@
 //! Server-sent events, split event by event as bytes arrive, so that a stream is inspected
 //! without ever being buffered whole. Each event is capped.
 //!
-//! The events are passed on as they were read here, with their line endings made `\n` (a
-//! stream may end its lines with `\r\n`, `\n` or a lone `\r`) and a byte-order mark at its
-//! start removed: any client's parser then reads the same events, and the same fields in them,
-//! as the sidecar judged.
+//! Line endings are made `\n` as bytes arrive (a stream may end its lines with `\r\n`, `\n`
+//! or a lone `\r`) and a byte-order mark at its start is removed. Events are passed on rebuilt
+//! from the fields read here ([`Event::rebuilt`]), never as they came: any client's parser then
+//! reads the same events, and the same fields in them, as the sidecar judged.
 
 /// One event: its raw bytes (terminating blank line included) and its joined `data` lines.
 pub struct Event {
@@ -15,12 +15,9 @@ pub struct Event {
 pub struct EventTooLarge;
 
 impl Event {
+    #[cfg(test)]
     pub fn raw(&self) -> &[u8] {
         &self.raw
-    }
-
-    pub fn into_raw(self) -> Vec<u8> {
-        self.raw
     }
 
     fn lines(&self) -> impl Iterator<Item = &[u8]> {
@@ -30,9 +27,55 @@ impl Event {
     /// The value of a field (the last, if several), its one leading space removed.
     fn field(&self, name: &[u8]) -> Option<&[u8]> {
         self.lines()
-            .filter_map(|l| l.strip_prefix(name)?.strip_prefix(b":"))
-            .map(|v| v.strip_prefix(b" ").unwrap_or(v))
+            .filter_map(|l| match l.strip_prefix(name)? {
+                [] => Some(&[][..]),
+                [b':', b' ', v @ ..] | [b':', v @ ..] => Some(v),
+                _ => None,
+            })
             .last()
+    }
+
+    /// The event as the sidecar passes it on, with `data` (the event's own, or what replaces
+    /// it): its `event`, `id` and `retry` fields when their values are plain printable ASCII,
+    /// then the data, with the characters that some clients' line splitters break lines at
+    /// written as JSON escapes (the data is JSON, where they can only stand inside strings).
+    /// Comments and other fields are left out; an event left with nothing is a bare comment,
+    /// which still keeps the connection alive.
+    pub fn rebuilt(&self, data: Option<&str>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for name in [&b"event"[..], b"id", b"retry"] {
+            let value = self.field(name);
+            if let Some(v) = value.filter(|v| v.iter().all(|b| (0x20..0x7f).contains(b))) {
+                out.extend_from_slice(name);
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(v);
+                out.push(b'\n');
+            }
+        }
+        if let Some(data) = data {
+            for line in data.split('\n') {
+                out.extend_from_slice(b"data: ");
+                for c in line.chars() {
+                    match c {
+                        '\u{b}'
+                        | '\u{c}'
+                        | '\u{1c}'..='\u{1e}'
+                        | '\u{85}'
+                        | '\u{2028}'
+                        | '\u{2029}' => {
+                            out.extend_from_slice(format!("\\u{:04x}", u32::from(c)).as_bytes())
+                        }
+                        c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                    }
+                }
+                out.push(b'\n');
+            }
+        }
+        if out.is_empty() {
+            out.extend_from_slice(b":\n");
+        }
+        out.push(b'\n');
+        out
     }
 
     /// The event's id, if it has an `id` field: where a client resumes the stream from (empty:
@@ -77,25 +120,6 @@ impl Event {
             }
         }
         data
-    }
-
-    /// The event with its data replaced; `id`, `event` and other fields kept in order.
-    pub fn with_data(&self, data: &str) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.raw.len() + data.len());
-        for line in self.lines() {
-            if line.starts_with(b"data:") || line == b"data" {
-                continue;
-            }
-            out.extend_from_slice(line);
-            out.push(b'\n');
-        }
-        for line in data.split('\n') {
-            out.extend_from_slice(b"data: ");
-            out.extend_from_slice(line.as_bytes());
-            out.push(b'\n');
-        }
-        out.push(b'\n');
-        out
     }
 }
 
@@ -228,8 +252,9 @@ mod tests {
         assert_eq!(all[0].data().as_deref(), Some("{\"a\":\n1}"));
         assert_eq!(all[1].data(), None);
         assert_eq!(all[2].data().as_deref(), Some("x"));
-        let rewritten = all[0].with_data("{}");
-        assert_eq!(rewritten, b"id: 1\nevent: message\ndata: {}\n\n");
+        let rewritten = all[0].rebuilt(Some("{}"));
+        assert_eq!(rewritten, b"event: message\nid: 1\ndata: {}\n\n");
+        assert_eq!(all[1].rebuilt(None), b":\n\n");
         assert!(p.finish().is_none());
     }
 
@@ -251,6 +276,19 @@ mod tests {
         // The parser reads the next stream from its start.
         let next = p.push(b"\xEF\xBB\xBFdata: d\n\n").unwrap();
         assert_eq!(next[0].data().as_deref(), Some("d"));
+    }
+
+    #[test]
+    fn passes_on_only_what_every_client_reads_alike() {
+        let mut p = Parser::new(1024);
+        let events = p
+            .push("event: message\u{b}data: x\nid: 2\u{2028}\nretry: 5\n: note\ndata: {\"a\":\"\u{2028}\u{85}\"}\n\n".as_bytes())
+            .unwrap();
+        let data = events[0].data();
+        assert_eq!(
+            String::from_utf8(events[0].rebuilt(data.as_deref())).unwrap(),
+            "retry: 5\ndata: {\"a\":\"\\u2028\\u0085\"}\n\n"
+        );
     }
 
     #[test]
