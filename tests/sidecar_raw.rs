@@ -113,6 +113,37 @@ async fn upstream() -> (String, Seen, CancellationToken) {
             }),
         )
         .route(
+            "/surrogate",
+            // A string id for the request's number, and a key no Rust string can hold.
+            sse_answer(|reply| {
+                let reply = reply.replace(r#""id":4"#, r#""id":"4""#);
+                format!("data: {}\n\n", reply.replace(r#""result":{"#, r#""result":{"\udc00":0,"#))
+            }),
+        )
+        .route(
+            "/decoys",
+            // Answers a client would not read (another event type; no "jsonrpc"), then the answer.
+            sse_answer(|reply| {
+                let empty = r#"{"jsonrpc":"2.0","id":4,"result":{"content":[]}}"#;
+                let bare = r#"{"id":4,"result":{"content":[]}}"#;
+                format!("event: other\ndata: {empty}\n\ndata: {bare}\n\ndata: {reply}\n\n")
+            }),
+        )
+        .route(
+            "/bad-list",
+            post(|body: String| async move {
+                let id = serde_json::from_str::<Value>(&body).unwrap()["id"].clone();
+                // 1e400 is no number to serde_json, and Infinity to JavaScript.
+                let list = format!(
+                    r#"{{"jsonrpc":"2.0","id":{id},"result":{{"tools":[{{"name":"shell","inputSchema":{{"type":"object"}}}}],"x":1e400}}}}"#
+                );
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Body::from(list))
+                    .unwrap()
+            }),
+        )
+        .route(
             "/charset",
             post(|| async {
                 let reply = r#"{"jsonrpc":"2.0","id":4,"result":{"content":[{"type":"text","text":"ok"}]}}"#;
@@ -264,6 +295,9 @@ async fn sidecar_for(url: &str, extra: &str) -> Sidecar {
         "array",
         "respelled",
         "charset",
+        "surrogate",
+        "decoys",
+        "bad-list",
     ]
     .iter()
     .map(|p| format!("  - name: {p}\n    mcp_url: {url}/{p}\n"))
@@ -450,6 +484,50 @@ async fn event_streams_are_judged_as_any_client_reads_them() {
         body.contains("closed the stream before answering"),
         "{body}"
     );
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_a_client_could_read_otherwise_are_judged_or_refused() {
+    let (url, seen, ct) = upstream().await;
+    let sidecar = sidecar_for(&url, "").await;
+    // An answer the sidecar cannot match to the call (a string id, which clients still match
+    // to it), with a key it cannot read: judged all the same, never shown as it came.
+    let (_, _, body) = post_json(
+        &sidecar.mcp_url("surrogate"),
+        call(4, "echo", json!({})).to_string(),
+    )
+    .await;
+    assert!(!body.contains("jane.doe"), "{body}");
+    // Decoy answers no client reads do not stand for the call's answer.
+    let (_, _, body) = post_json(
+        &sidecar.mcp_url("decoys"),
+        call(4, "echo", json!({})).to_string(),
+    )
+    .await;
+    assert!(body.contains("[REDACTED:email]"), "{body}");
+    assert!(
+        !body.contains("jane.doe") && !body.contains("other"),
+        "{body}"
+    );
+    // A tool list that cannot be read is refused, not shown unfiltered.
+    let list = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"});
+    let (_, _, body) = post_json(&sidecar.mcp_url("bad-list"), list.to_string()).await;
+    assert!(!body.contains("shell"), "{body}");
+    assert!(body.contains("its tool list cannot be read"), "{body}");
+    // Two requests of one body with one id (4 and 4.0 are one to a client): the second is
+    // refused, so that its answer cannot pass for the call's.
+    let batch = json!([
+        call(4, "add", json!({"a": 1})),
+        {"jsonrpc": "2.0", "id": 4.0, "method": "ping"}
+    ]);
+    let before = seen.lock().unwrap().len();
+    let (_, _, body) = post_json(&sidecar.mcp_url("rpc"), batch.to_string()).await;
+    assert!(body.contains("same body has this id"), "{body}");
+    let forwarded = seen.lock().unwrap()[before..].to_vec();
+    assert_eq!(forwarded.len(), 1);
+    assert!(!forwarded[0].1.contains("ping"), "{}", forwarded[0].1);
     sidecar.stop().await;
     ct.cancel();
 }

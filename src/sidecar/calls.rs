@@ -181,6 +181,11 @@ impl Tracker {
         !self.pending.is_empty()
     }
 
+    /// Whether a request with this id is already open.
+    pub fn is_open(&self, id: &str) -> bool {
+        self.pending.contains_key(id)
+    }
+
     /// A call the sidecar answered itself: it never reached the tool.
     pub fn refused(&self, tool: &str, refusal: &Refusal, span: tracing::Span) {
         span.record("decision", "blocked");

@@ -88,6 +88,8 @@ pub fn parse_body(bytes: &[u8]) -> Result<Body<'_>, Malformed> {
 
 #[derive(Deserialize)]
 struct Envelope<'a> {
+    #[serde(default)]
+    jsonrpc: Option<std::borrow::Cow<'a, str>>,
     #[serde(borrow, default)]
     id: Option<&'a RawValue>,
     #[serde(default)]
@@ -231,7 +233,10 @@ pub fn classify_reply_message<'a>(message: &Message<'a>) -> Reply<'a> {
 }
 
 fn reply<'a>(env: &Envelope<'a>) -> Reply<'a> {
+    // Clients take no answer without it: such a one must not stand for the real answer.
+    let answer = env.jsonrpc.as_deref() == Some("2.0");
     match (env.id, env.method.as_ref(), env.result, env.error) {
+        (Some(_), None, Some(_), _) | (Some(_), None, None, Some(_)) if !answer => Reply::Invalid,
         (Some(id), None, Some(result), _) => Reply::Result { id, result },
         (Some(id), None, None, Some(_)) => Reply::Error { id },
         _ => Reply::Other,
@@ -239,18 +244,20 @@ fn reply<'a>(env: &Envelope<'a>) -> Reply<'a> {
 }
 
 /// A key for matching a response to its request: the id's JSON text without surrounding
-/// whitespace (`1` and `"1"` stay distinct, as JSON-RPC wants), a whole number written in its
-/// plain form (`4.0` and `4e0` are the `4` that clients match them with). It is valid JSON, so
-/// answers can embed it as the id.
+/// whitespace (`1` and `"1"` stay distinct, as JSON-RPC wants), a whole number's zero fraction
+/// left out (`4.0` is the `4` clients match it with). It is valid JSON, so answers can embed it
+/// as the id. A result whose id is spelled otherwise still reaches no client unjudged: it is
+/// judged as a result the sidecar did not see the request of.
 pub fn id_key(id: &RawValue) -> String {
     let text = id.get().trim();
-    let plain = text.bytes().all(|b| b.is_ascii_digit() || b == b'-');
-    if !plain && text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
-        if let Ok(n) = text.parse::<f64>() {
-            // Exactly representable, so no two ids become one.
-            if n.fract() == 0.0 && n.abs() < 9_007_199_254_740_992.0 {
-                return format!("{}", n as i64);
-            }
+    if let Some((whole, fraction)) = text.split_once('.') {
+        let whole_digits = whole.strip_prefix('-').unwrap_or(whole);
+        if !whole_digits.is_empty()
+            && whole_digits.bytes().all(|b| b.is_ascii_digit())
+            && !fraction.is_empty()
+            && fraction.bytes().all(|b| b == b'0')
+        {
+            return whole.to_owned();
         }
     }
     text.to_owned()

@@ -6,7 +6,7 @@
 //! The order for one POST: read (capped) → parse → judge each call → forward what is allowed
 //! (under the deadline) → inspect each answer → add the sidecar's own answers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,6 @@ use http::{
 use http_body_util::BodyExt;
 use perfecx_policy::{Content, Enforcement};
 use serde::Deserialize;
-use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
@@ -137,6 +136,10 @@ async fn post(shared: &Arc<Shared>, up: &Arc<Upstream>, req: Request<Body>) -> R
                 arguments,
             } => {
                 let id = jsonrpc::id_key(id);
+                if same_id(&tracker, &id, &mut local) {
+                    modified = true;
+                    continue;
+                }
                 let span = tracker.span(&tool);
                 let verdict = span.in_scope(|| match &active {
                     Ok(a) => check_call(a, &tracker, &tool, Content::Json(arguments)),
@@ -202,12 +205,18 @@ async fn post(shared: &Arc<Shared>, up: &Arc<Upstream>, req: Request<Body>) -> R
                     });
                     local.push(rescue::request_error(Some(id.get()), &refusal));
                     modified = true;
+                } else if same_id(&tracker, &jsonrpc::id_key(id), &mut local) {
+                    modified = true;
                 } else {
                     tracker.start(jsonrpc::id_key(id), Pending::List);
                     forward.push(msg.get().to_owned());
                 }
             }
             Rpc::OtherRequest { id } => {
+                if same_id(&tracker, &jsonrpc::id_key(id), &mut local) {
+                    modified = true;
+                    continue;
+                }
                 tracker.start(jsonrpc::id_key(id), Pending::Other);
                 forward.push(msg.get().to_owned());
             }
@@ -451,10 +460,6 @@ fn inspect_reply(
     msg: &str,
     reply: Reply<'_>,
 ) -> Inspected {
-    let replaced = |new: Option<String>| match new {
-        Some(m) => Inspected::Replace(m),
-        None => Inspected::Keep,
-    };
     match reply {
         Reply::Result { id, result } => match tracker.take(&jsonrpc::id_key(id)) {
             Some(Pending::Call(call)) => {
@@ -504,15 +509,16 @@ fn inspect_reply(
                 );
                 apply(msg, &upstream, verdict)
             }
-            Some(Pending::List) => replaced(
-                active
-                    .and_then(|a| filter_tools(a, result))
-                    .and_then(|filtered| jsonrpc::with_result(msg, filtered)),
-            ),
+            Some(Pending::List) => match active {
+                Some(active) => tool_list(tracker, active, msg, id, result),
+                // Not asked without policies (refused then), so not answered either.
+                None => Inspected::Drop,
+            },
             Some(Pending::Other) => Inspected::Keep,
             None => match active {
-                Some(active) => unmatched(tracker, active, msg, result),
-                None => Inspected::Keep,
+                Some(active) => unmatched(tracker, active, msg, id, result),
+                // Nothing to judge it by: not shown (fail closed).
+                None => Inspected::Drop,
             },
         },
         Reply::Error { id } => {
@@ -567,26 +573,72 @@ fn apply(msg: &str, upstream: &str, verdict: OutputVerdict) -> Inspected {
     }
 }
 
-/// A result the sidecar did not see the request of (a resumed stream, a GET stream): judged by
-/// its shape, so that a tool list or a tool result is never shown unfiltered.
-fn unmatched(tracker: &Tracker, active: &Active, msg: &str, result: &RawValue) -> Inspected {
-    // Its members as JSON reads them (escapes resolved), not as the text spells them.
-    let Ok(members) = serde_json::from_str::<HashMap<String, IgnoredAny>>(result.get()) else {
-        return Inspected::Keep;
+/// Refuses a request whose id another request of the same body has: their answers could not be
+/// told apart, and one could pass for the other's. Says whether it did.
+fn same_id(tracker: &Tracker, id: &str, local: &mut Vec<String>) -> bool {
+    if !tracker.is_open(id) {
+        return false;
+    }
+    let refusal = Refusal::from(Unjudgeable {
+        reason: "another request in the same body has this id".into(),
+    });
+    local.push(rescue::request_error(Some(id), &refusal));
+    true
+}
+
+/// A `tools/list` result without the tools the policies forbid; one that cannot be read here
+/// is refused, as a client's parser might still read it.
+fn tool_list(
+    tracker: &Tracker,
+    active: &Active,
+    msg: &str,
+    id: &RawValue,
+    result: &RawValue,
+) -> Inspected {
+    let unreadable = || {
+        let refusal = Refusal::from(UpstreamFailed {
+            upstream: tracker.upstream().to_owned(),
+            reason: "its tool list cannot be read".into(),
+        });
+        Inspected::Replace(rescue::request_error(Some(&jsonrpc::id_key(id)), &refusal))
     };
-    if members.contains_key("tools") {
-        if let Some(filtered) = filter_tools(active, result) {
-            if let Some(m) = jsonrpc::with_result(msg, filtered) {
-                return Inspected::Replace(m);
-            }
-        }
+    match filter_tools(active, result) {
+        Ok(None) => Inspected::Keep,
+        Ok(Some(filtered)) => match jsonrpc::with_result(msg, filtered) {
+            Some(m) => Inspected::Replace(m),
+            None => unreadable(),
+        },
+        Err(_) => unreadable(),
     }
-    if members.contains_key("content") || members.contains_key("structuredContent") {
-        let upstream = tracker.upstream().to_owned();
-        let verdict = check_output(active, tracker, "", Content::Json(result.get()));
-        return apply(msg, &upstream, verdict);
+}
+
+/// A result the sidecar did not see the request of (a stream the agent resumed, a GET stream,
+/// an id spelled otherwise than the request's, which clients may still match to it): a tool
+/// list loses the forbidden tools, and any result is judged as a tool's output, so that
+/// nothing a client may take for a tool's answer is shown unjudged.
+fn unmatched(
+    tracker: &Tracker,
+    active: &Active,
+    msg: &str,
+    id: &RawValue,
+    result: &RawValue,
+) -> Inspected {
+    let listed = tool_list(tracker, active, msg, id, result);
+    let (msg, result) = match &listed {
+        Inspected::Keep => (msg, result.get().to_owned()),
+        Inspected::Replace(new) => match jsonrpc::classify_reply(new) {
+            Reply::Result { result, .. } => (new.as_str(), result.get().to_owned()),
+            // The tool list could not be read: refused.
+            _ => return listed,
+        },
+        Inspected::Drop => return listed,
+    };
+    let upstream = tracker.upstream().to_owned();
+    let verdict = check_output(active, tracker, "", Content::Json(&result));
+    match apply(msg, &upstream, verdict) {
+        Inspected::Keep => listed,
+        judged => judged,
     }
-    Inspected::Keep
 }
 
 /// GET (the server's stream) and DELETE (end of session) pass through; a GET stream is still
@@ -856,6 +908,9 @@ impl Stream {
         }
         let data = event.data();
         let inspected = match &data {
+            // Clients take only message events: others are not passed on, nor judged (one must
+            // not stand for an answer a client would never read).
+            _ if !event.is_message() => Inspected::Drop,
             Some(data) if !data.trim().is_empty() => {
                 if let Some(r) = self.resume.as_mut() {
                     r.idle = 0;

@@ -101,14 +101,21 @@ pub fn denied(decision: &Decision<'_>, output: bool) -> Refusal {
 
 /// A `tools/list` result without the tools that no call could use. `None`: nothing to hide
 /// (or not a list result).
-pub fn filter_tools(active: &Active, result: &RawValue) -> Option<Value> {
-    let mut result: Value = serde_json::from_str(result.get()).ok()?;
-    let tools = result.get_mut("tools")?.as_array_mut()?;
+pub fn filter_tools(active: &Active, result: &RawValue) -> Result<Option<Value>, Unreadable> {
+    let mut result: Value = serde_json::from_str(result.get()).map_err(|_| Unreadable)?;
+    let Some(tools) = result.get_mut("tools") else {
+        return Ok(None);
+    };
+    let tools = tools.as_array_mut().ok_or(Unreadable)?;
     let before = tools.len();
     tools.retain(|t| {
         t.get("name")
             .and_then(Value::as_str)
             .is_some_and(|name| active.set.tool_allowed(name))
     });
-    (tools.len() != before).then_some(result)
+    Ok((tools.len() != before).then_some(result))
 }
+
+/// A result that cannot be read as JSON here, though a client's parser might read it.
+#[derive(Debug)]
+pub struct Unreadable;

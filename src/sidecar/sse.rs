@@ -92,6 +92,12 @@ impl Event {
             .ok()
     }
 
+    /// Whether the event is a message event (no type, or `message`): the only ones MCP clients
+    /// read.
+    pub fn is_message(&self) -> bool {
+        matches!(self.field(b"event"), None | Some(b"" | b"message"))
+    }
+
     /// Whether the event has a `data` field at all.
     pub fn has_data(&self) -> bool {
         self.lines()
