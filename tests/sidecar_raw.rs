@@ -144,6 +144,47 @@ async fn upstream() -> (String, Seen, CancellationToken) {
             }),
         )
         .route(
+            "/error-answer",
+            post(|body: String| async move {
+                let id = serde_json::from_str::<Value>(&body).unwrap()["id"].clone();
+                let error = json!({"jsonrpc":"2.0","id":id,"error":{"code":-32000,"message":"failed for jane.doe@example.com"}});
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Body::from(error.to_string()))
+                    .unwrap()
+            }),
+        )
+        .route(
+            "/http-error",
+            post(|| async {
+                Response::builder()
+                    .status(StatusCode::INTERNAL_SERVER_ERROR)
+                    .header("mcp-session-id", "session-1")
+                    .body(Body::from("failed for jane.doe@example.com"))
+                    .unwrap()
+            }),
+        )
+        .route(
+            "/redirect",
+            post(|| async {
+                Response::builder()
+                    .status(StatusCode::TEMPORARY_REDIRECT)
+                    .header("location", "http://127.0.0.1:1/elsewhere")
+                    .body(Body::empty())
+                    .unwrap()
+            }),
+        )
+        .route(
+            "/get-plain",
+            axum::routing::get(|| async {
+                let reply = r#"{"jsonrpc":"2.0","id":4,"result":{"content":[{"type":"text","text":"jane.doe@example.com"}]}}"#;
+                Response::builder()
+                    .header("content-type", "text/plain")
+                    .body(Body::from(format!("data: {reply}\n\n")))
+                    .unwrap()
+            }),
+        )
+        .route(
             "/charset",
             post(|| async {
                 let reply = r#"{"jsonrpc":"2.0","id":4,"result":{"content":[{"type":"text","text":"ok"}]}}"#;
@@ -298,6 +339,10 @@ async fn sidecar_for(url: &str, extra: &str) -> Sidecar {
         "surrogate",
         "decoys",
         "bad-list",
+        "error-answer",
+        "http-error",
+        "redirect",
+        "get-plain",
     ]
     .iter()
     .map(|p| format!("  - name: {p}\n    mcp_url: {url}/{p}\n"))
@@ -528,6 +573,29 @@ async fn answers_a_client_could_read_otherwise_are_judged_or_refused() {
     let forwarded = seen.lock().unwrap()[before..].to_vec();
     assert_eq!(forwarded.len(), 1);
     assert!(!forwarded[0].1.contains("ping"), "{}", forwarded[0].1);
+
+    // An error answer's text, an HTTP error's body: judged as output, as clients show them.
+    let add = call(4, "add", json!({"a": 1})).to_string();
+    let (_, _, body) = post_json(&sidecar.mcp_url("error-answer"), add.clone()).await;
+    assert!(body.contains("failed for [REDACTED:email]"), "{body}");
+    let (status, headers, body) = post_json(&sidecar.mcp_url("http-error"), add.clone()).await;
+    assert_eq!(status, 500);
+    assert_eq!(headers["mcp-session-id"], "session-1");
+    assert_eq!(body, "failed for [REDACTED:email]");
+    // A redirect is not handed to the agent, which would follow it past the sidecar.
+    let (status, headers, body) = post_json(&sidecar.mcp_url("redirect"), add).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(!headers.contains_key("location"), "{headers:?}");
+    // A GET answered with something other than an event stream is not passed on: some clients
+    // read any answer to their GET as one.
+    let res = reqwest::Client::new()
+        .get(sidecar.mcp_url("get-plain"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 502);
+    assert!(!res.text().await.unwrap().contains("jane.doe"));
     sidecar.stop().await;
     ct.cancel();
 }

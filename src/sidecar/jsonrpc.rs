@@ -205,6 +205,7 @@ pub enum Reply<'a> {
     },
     Error {
         id: &'a RawValue,
+        error: &'a RawValue,
     },
     /// A notification or a request from the server.
     Other,
@@ -238,7 +239,7 @@ fn reply<'a>(env: &Envelope<'a>) -> Reply<'a> {
     match (env.id, env.method.as_ref(), env.result, env.error) {
         (Some(_), None, Some(_), _) | (Some(_), None, None, Some(_)) if !answer => Reply::Invalid,
         (Some(id), None, Some(result), _) => Reply::Result { id, result },
-        (Some(id), None, None, Some(_)) => Reply::Error { id },
+        (Some(id), None, None, Some(error)) => Reply::Error { id, error },
         _ => Reply::Other,
     }
 }
@@ -291,6 +292,13 @@ pub fn with_arguments(message: &str, arguments: &str) -> Option<String> {
 pub fn with_result(message: &str, result: Value) -> Option<String> {
     let mut msg: Map<String, Value> = serde_json::from_str(message).ok()?;
     msg.insert("result".into(), result);
+    serde_json::to_string(&msg).ok()
+}
+
+/// `message` with its `error` replaced.
+pub fn with_error(message: &str, error: Value) -> Option<String> {
+    let mut msg: Map<String, Value> = serde_json::from_str(message).ok()?;
+    msg.insert("error".into(), error);
     serde_json::to_string(&msg).ok()
 }
 
@@ -409,7 +417,7 @@ mod tests {
             );
             let reply = |r: Reply<'_>| match r {
                 Reply::Result { id, result } => format!("result {} {}", id.get(), result.get()),
-                Reply::Error { id } => format!("error {}", id.get()),
+                Reply::Error { id, .. } => format!("error {}", id.get()),
                 Reply::Other => "other".into(),
                 Reply::Invalid => "invalid".into(),
             };

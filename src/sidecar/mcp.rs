@@ -275,7 +275,7 @@ async fn post(shared: &Arc<Shared>, up: &Arc<Upstream>, req: Request<Body>) -> R
     if !status.is_success() {
         // The session may be gone (404) and the client must see it to start again; pending
         // calls are counted as errors when the tracker drops.
-        return res;
+        return judged_http(res, &tracker, active.as_deref(), cap).await;
     }
     if media_type_is(res.headers(), "text/event-stream") {
         if let Some(r) = resume.as_mut() {
@@ -521,7 +521,11 @@ fn inspect_reply(
                 None => Inspected::Drop,
             },
         },
-        Reply::Error { id } => {
+        Reply::Error { id, error } => {
+            let judged = match active {
+                Some(active) => judge_error(tracker, active, msg, id, error),
+                None => Inspected::Keep,
+            };
             if let Some(Pending::Call(call)) = tracker.take(&jsonrpc::id_key(id)) {
                 let decision = if call.redacted { "redacted" } else { "allowed" };
                 // Errors are not inspected on their way to the agent, so their text gets the
@@ -536,7 +540,7 @@ fn inspect_reply(
                     },
                 );
             }
-            Inspected::Keep
+            judged
         }
         Reply::Other => Inspected::Keep,
         Reply::Invalid => {
@@ -571,6 +575,74 @@ fn apply(msg: &str, upstream: &str, verdict: OutputVerdict) -> Inspected {
             }
         }
     }
+}
+
+/// An error answer, judged as a tool's output: agents show its text to the model.
+fn judge_error(
+    tracker: &Tracker,
+    active: &Active,
+    msg: &str,
+    id: &RawValue,
+    error: &RawValue,
+) -> Inspected {
+    let verdict = check_output(active, tracker, "", Content::Json(error.get()));
+    let refused = |refusal: &Refusal| {
+        Inspected::Replace(rescue::request_error(Some(&jsonrpc::id_key(id)), refusal))
+    };
+    match verdict {
+        OutputVerdict::Pass => Inspected::Keep,
+        OutputVerdict::Redacted(text) => {
+            let rewritten = serde_json::from_str(&text)
+                .ok()
+                .and_then(|error| jsonrpc::with_error(msg, error));
+            match rewritten {
+                Some(m) => Inspected::Replace(m),
+                None => refused(&Refusal::from(UpstreamFailed {
+                    upstream: tracker.upstream().to_owned(),
+                    reason: "its error could not be redacted".into(),
+                })),
+            }
+        }
+        OutputVerdict::Refuse(refusal) => refused(&refusal),
+    }
+}
+
+/// An answer that is not JSON-RPC (an HTTP error of the server's, say): its status and headers
+/// are kept, as clients act on them (a session gone, credentials asked for), and its body is
+/// judged as text, as clients show it; one that cannot be is left out. A redirect is refused:
+/// the agent would follow it past the sidecar.
+async fn judged_http(
+    res: Response<Body>,
+    tracker: &Tracker,
+    active: Option<&Active>,
+    cap: u64,
+) -> Response<Body> {
+    if res.status().is_redirection() {
+        return rescue::http_error(&Refusal::from(UpstreamFailed {
+            upstream: tracker.upstream().to_owned(),
+            reason: format!(
+                "it redirected ({}), which the sidecar does not follow",
+                res.status()
+            ),
+        }));
+    }
+    let (mut parts, body) = res.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let text = read_limited(body, cap, "tool server's response")
+        .await
+        .ok()
+        .and_then(|b| String::from_utf8(b.to_vec()).ok());
+    let body = match (text, active) {
+        (Some(text), Some(active)) if !text.is_empty() => {
+            match check_output(active, tracker, "", Content::Text(&text)) {
+                OutputVerdict::Pass => text,
+                OutputVerdict::Redacted(redacted) => redacted,
+                OutputVerdict::Refuse(refusal) => refusal.to_string(),
+            }
+        }
+        _ => String::new(),
+    };
+    Response::from_parts(parts, Body::from(body))
 }
 
 /// Refuses a request whose id another request of the same body has: their answers could not be
@@ -656,11 +728,21 @@ async fn other(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<B
         Ok(res) => res,
         Err(e) => return rescue::http_error(&e.into()),
     };
-    if is_get && res.status().is_success() && media_type_is(res.headers(), "text/event-stream") {
-        let tracker = shared.tracker(up.name.clone());
-        return event_stream(res, tracker, active, None, Vec::new(), cap, None);
+    let tracker = shared.tracker(up.name.clone());
+    if !res.status().is_success() {
+        return judged_http(res, &tracker, active.as_deref(), cap).await;
     }
-    res
+    if !is_get {
+        return res;
+    }
+    if !media_type_is(res.headers(), "text/event-stream") {
+        // Some clients parse any successful answer to their GET as an event stream.
+        return rescue::http_error(&Refusal::from(UpstreamFailed {
+            upstream: up.name.to_string(),
+            reason: "it answered the GET with something other than an event stream".into(),
+        }));
+    }
+    event_stream(res, tracker, active, None, Vec::new(), cap, None)
 }
 
 struct Stream {
