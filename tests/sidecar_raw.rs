@@ -126,7 +126,7 @@ async fn upstream() -> (String, Seen, CancellationToken) {
             sse_answer(|reply| {
                 let empty = r#"{"jsonrpc":"2.0","id":4,"result":{"content":[]}}"#;
                 let bare = r#"{"id":4,"result":{"content":[]}}"#;
-                format!("event: other\ndata: {empty}\n\ndata: {bare}\n\ndata: {reply}\n\n")
+                format!("event: other\nid: 9\ndata: {empty}\n\ndata: {bare}\n\ndata: {reply}\n\n")
             }),
         )
         .route(
@@ -552,9 +552,11 @@ async fn answers_a_client_could_read_otherwise_are_judged_or_refused() {
     )
     .await;
     assert!(body.contains("[REDACTED:email]"), "{body}");
+    assert!(!body.contains("jane.doe"), "{body}");
+    assert!(!body.contains(r#""content":[]"#), "a decoy went on: {body}");
     assert!(
-        !body.contains("jane.doe") && !body.contains("other"),
-        "{body}"
+        body.contains("id: 9\n"),
+        "a client resumes from any event's id: {body}"
     );
     // A tool list that cannot be read is refused, not shown unfiltered.
     let list = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"});

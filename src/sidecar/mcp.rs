@@ -988,11 +988,15 @@ impl Stream {
                 r.retry = Duration::from_millis(ms).max(MIN_RETRY);
             }
         }
+        if !event.is_message() {
+            // Clients take only message events: the data of others is neither judged (it must
+            // not stand for an answer a client would never read) nor passed on; their id is,
+            // as a client records it to resume from.
+            self.queue.push_back(event.rebuilt(None).into());
+            return;
+        }
         let data = event.data();
         let inspected = match &data {
-            // Clients take only message events: others are not passed on, nor judged (one must
-            // not stand for an answer a client would never read).
-            _ if !event.is_message() => Inspected::Drop,
             Some(data) if !data.trim().is_empty() => {
                 if let Some(r) = self.resume.as_mut() {
                     r.idle = 0;
