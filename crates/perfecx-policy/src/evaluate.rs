@@ -329,9 +329,8 @@ impl PolicySet {
                         let text = if normal { t.text } else { norm.rewrite(t.text) };
                         triggered = self.match_patterns(tool, text, t.kind, dir, out);
                     }
-                    if t.kind != TokenKind::Key {
-                        self.match_sensitive(t.text, t.key, triggered, !normal, dir, out);
-                    }
+                    // Keys too: a key can carry data (an address as the key of a map).
+                    self.match_sensitive(t.text, t.key, triggered, !normal, dir, out);
                 })
             },
         )
@@ -493,7 +492,7 @@ impl PolicySet {
                 let mut out: Option<String> = None;
                 let mut copied = 0;
                 scanner.scan(src, &mut |t| {
-                    if t.kind == TokenKind::Key || !collect(t.text, t.key, &mut findings) {
+                    if !collect(t.text, t.key, &mut findings) {
                         return;
                     }
                     let o = out.get_or_insert_with(|| String::with_capacity(src.len()));
