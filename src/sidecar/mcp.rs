@@ -205,19 +205,23 @@ async fn post(shared: &Arc<Shared>, up: &Arc<Upstream>, req: Request<Body>) -> R
                     });
                     local.push(rescue::request_error(Some(id.get()), &refusal));
                     modified = true;
-                } else if same_id(&tracker, &jsonrpc::id_key(id), &mut local) {
-                    modified = true;
                 } else {
-                    tracker.start(jsonrpc::id_key(id), Pending::List);
+                    let id = jsonrpc::id_key(id);
+                    if same_id(&tracker, &id, &mut local) {
+                        modified = true;
+                        continue;
+                    }
+                    tracker.start(id, Pending::List);
                     forward.push(msg.get().to_owned());
                 }
             }
             Rpc::OtherRequest { id } => {
-                if same_id(&tracker, &jsonrpc::id_key(id), &mut local) {
+                let id = jsonrpc::id_key(id);
+                if same_id(&tracker, &id, &mut local) {
                     modified = true;
                     continue;
                 }
-                tracker.start(jsonrpc::id_key(id), Pending::Other);
+                tracker.start(id, Pending::Other);
                 forward.push(msg.get().to_owned());
             }
             Rpc::Other => forward.push(msg.get().to_owned()),
@@ -628,14 +632,12 @@ async fn judged_http(
     }
     let (mut parts, body) = res.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
-    let text = read_limited(body, cap, "tool server's response")
-        .await
-        .ok()
-        .and_then(|b| String::from_utf8(b.to_vec()).ok());
+    let bytes = read_limited(body, cap, "tool server's response").await.ok();
+    let text = bytes.as_deref().and_then(|b| std::str::from_utf8(b).ok());
     let body = match (text, active) {
         (Some(text), Some(active)) if !text.is_empty() => {
-            match check_output(active, tracker, "", Content::Text(&text)) {
-                OutputVerdict::Pass => text,
+            match check_output(active, tracker, "", Content::Text(text)) {
+                OutputVerdict::Pass => text.to_owned(),
                 OutputVerdict::Redacted(redacted) => redacted,
                 OutputVerdict::Refuse(refusal) => refusal.to_string(),
             }
