@@ -1,12 +1,16 @@
 //! End-to-end: the sidecar gets its agent's policy bundle from a real control plane (pushed over
 //! the WebSocket, polled besides) and enforces it alongside the policy files, also across a
-//! restart while the control plane is down.
+//! restart while the control plane is down; and, against a hand-made control plane, that a socket
+//! that fell behind has the bundle fetched at once.
 
 mod common;
 
 use common::control_plane::ControlPlane;
 use common::*;
 use reqwest::Method;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -196,6 +200,129 @@ async fn a_bundle_change_is_pushed_at_once_not_at_the_next_poll() {
         metric(&metrics, "perfecx_policy_bundle_socket_connected") == Some(0.0)
     })
     .await;
+    sidecar.stop().await;
+    mcp_ct.cancel();
+}
+
+/// A control plane of the test's own: the bundle route answers `bundle`, and each socket, once
+/// its client has authenticated, sends whatever arrives on `say`.
+struct HandMade {
+    base: String,
+    bundle: Arc<Mutex<Value>>,
+    fetches: Arc<AtomicUsize>,
+    say: tokio::sync::broadcast::Sender<String>,
+}
+
+impl HandMade {
+    async fn start(bundle: Value) -> HandMade {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let bundle = Arc::new(Mutex::new(bundle));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let (say, _) = tokio::sync::broadcast::channel(16);
+        let app = {
+            let (bundle, fetches) = (bundle.clone(), fetches.clone());
+            axum::Router::new().route(
+                &format!("/v1/agents/{AGENT}/policy-bundle"),
+                axum::routing::get(move || {
+                    fetches.fetch_add(1, Ordering::SeqCst);
+                    let body = bundle.lock().unwrap().clone();
+                    async move { axum::Json(body) }
+                }),
+            )
+        };
+        let said = say.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                // The socket's upgrade request is told apart by its path, left unread.
+                let mut head = [0u8; 64];
+                let n = stream.peek(&mut head).await.unwrap_or(0);
+                if head[..n].starts_with(format!("GET /agents/{AGENT}").as_bytes()) {
+                    tokio::spawn(socket(stream, said.subscribe()));
+                } else {
+                    let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                    tokio::spawn(
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+                    );
+                }
+            }
+        });
+        HandMade {
+            base,
+            bundle,
+            fetches,
+            say,
+        }
+    }
+}
+
+async fn socket(stream: tokio::net::TcpStream, mut say: tokio::sync::broadcast::Receiver<String>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+        return;
+    };
+    match ws.next().await {
+        Some(Ok(Message::Text(auth))) if auth.contains("\"auth\"") => {}
+        other => panic!("the sidecar did not authenticate first: {other:?}"),
+    }
+    while let Ok(text) = say.recv().await {
+        if ws.send(Message::text(text)).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn bundle(revision: &str, policies: Vec<Value>) -> Value {
+    let policies: Vec<Value> = policies
+        .into_iter()
+        .enumerate()
+        .map(|(i, document)| json!({"policy_id": format!("pol_{i}"), "version": 1, "document": document}))
+        .collect();
+    json!({"agent_id": AGENT, "revision": revision, "policies": policies})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_that_fell_behind_has_the_bundle_fetched_at_once() {
+    let cp = HandMade::start(bundle("r1", vec![])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mcp_url, mcp_ct) = mcp_server(true).await;
+    // The next poll is ten minutes away: only the socket can bring the change within the test.
+    let sidecar = start_polling_every(
+        &cp.base,
+        &dir.path().join("spool"),
+        &mcp_url,
+        "agt_x",
+        600_000,
+    )
+    .await;
+    eventually("the socket is open", || async {
+        cp.say.receiver_count() > 0
+    })
+    .await;
+    let echo = json!({"text": "hi"});
+    assert_eq!(refusal(&sidecar, "echo", echo.clone()).await, None);
+    let fetched = cp.fetches.load(Ordering::SeqCst);
+    assert!(fetched >= 1, "the bundle is fetched at start");
+
+    // The bundle changes, and its push is among the messages the socket missed.
+    *cp.bundle.lock().unwrap() = bundle("r2", vec![forbidding("echo")]);
+    cp.say
+        .send(r#"{"type":"lagged","data":{"dropped":3}}"#.to_owned())
+        .unwrap();
+    eventually("the bundle is fetched and enforced", || async {
+        refusal(&sidecar, "echo", echo.clone())
+            .await
+            .is_some_and(|t| t.contains("policy `central`"))
+    })
+    .await;
+    assert_eq!(cp.fetches.load(Ordering::SeqCst), fetched + 1);
+
     sidecar.stop().await;
     mcp_ct.cancel();
 }
