@@ -6,10 +6,11 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, Response, StatusCode};
 use axum::routing::post;
 use common::*;
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -270,7 +271,7 @@ fn sse_answer(events: fn(&str) -> String) -> axum::routing::MethodRouter {
 
 /// A server that ends a call's event stream after a priming event (an id, no data), as the spec's
 /// SSE polling allows, and answers on the stream the client resumes with `Last-Event-ID: 1`,
-/// after `delay`.
+/// after `delay`; that stream then stays open, as the SDKs' servers keep it.
 fn polling(delay: Duration) -> axum::routing::MethodRouter {
     let asked: Arc<Mutex<Value>> = Arc::default();
     let remember = asked.clone();
@@ -288,9 +289,12 @@ fn polling(delay: Duration) -> axum::routing::MethodRouter {
         tokio::time::sleep(delay).await;
         let id = asked.lock().unwrap().clone();
         let reply = json!({"jsonrpc":"2.0","id":id,"result":{"content":[{"type":"text","text":"mail jane.doe@example.com"}]}});
+        let answer = Bytes::from(format!("id: 2\nevent: message\ndata: {reply}\n\n"));
+        let open = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(answer)])
+            .chain(futures_util::stream::pending());
         Response::builder()
             .header("content-type", "text/event-stream")
-            .body(Body::from(format!("id: 2\nevent: message\ndata: {reply}\n\n")))
+            .body(Body::from_stream(open))
             .unwrap()
     })
 }
@@ -441,12 +445,13 @@ async fn a_stream_the_server_ends_for_polling_is_resumed_by_the_sidecar() {
     let (url, _, ct) = upstream().await;
     let sidecar = sidecar_for(&url, "").await;
     // The server ends the call's stream after giving an event id; the sidecar resumes it, and
-    // the answer comes on the agent's stream, judged and counted as the call's.
-    let (status, _, body) = post_json(
-        &sidecar.mcp_url("polling"),
-        call(7, "echo", json!({})).to_string(),
-    )
-    .await;
+    // the answer comes on the agent's stream, judged and counted as the call's. The agent's
+    // stream then ends, though the resumed one stays open.
+    let url = sidecar.mcp_url("polling");
+    let answered = post_json(&url, call(7, "echo", json!({})).to_string());
+    let (status, _, body) = tokio::time::timeout(PATIENCE, answered)
+        .await
+        .expect("the agent's stream ends once answered");
     assert_eq!(status, 200);
     assert!(
         body.contains("id: 1\n"),
@@ -476,7 +481,7 @@ async fn a_stream_the_server_ends_for_polling_is_resumed_by_the_sidecar() {
     )
     .await;
     assert!(body.contains("resuming it got 405"), "{body}");
-    assert!(body.contains("\"isError\":true"), "{body}");
+    assert!(body.contains("\"code\":-32603"), "{body}");
     sidecar.stop().await;
     ct.cancel();
 }
@@ -665,10 +670,12 @@ async fn broken_upstreams_give_clear_errors_not_hangs() {
     .await;
     let add = call(1, "add", json!({"a": 1})).to_string();
 
+    // No tool ran, so no tool result: a JSON-RPC error, as the MCP spec has server errors.
     let (status, _, body) = post_json(&sidecar.mcp_url("down"), add.clone()).await;
     assert_eq!(status, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(v["result"]["isError"], true);
+    assert_eq!(v["error"]["code"], -32603, "{body}");
+    assert!(v.get("result").is_none(), "{body}");
     assert!(body.contains("cannot connect"), "{body}");
 
     let (_, _, body) = post_json(&sidecar.mcp_url("garbage"), add.clone()).await;
@@ -680,7 +687,10 @@ async fn broken_upstreams_give_clear_errors_not_hangs() {
         body.contains("closed the stream before answering"),
         "{body}"
     );
-    assert!(body.contains("isError"), "{body}");
+    assert!(
+        body.contains("-32603") && !body.contains("isError"),
+        "{body}"
+    );
 
     let (_, _, body) = post_json(&sidecar.mcp_url("hang"), add.clone()).await;
     assert!(body.contains("within 1000 ms"), "{body}");
@@ -728,7 +738,7 @@ async fn messages_a_tool_might_read_differently_are_refused() {
     )
     .await;
     assert!(!body.contains("AKIA"), "{body}");
-    assert!(body.contains("isError"), "{body}");
+    assert!(body.contains("\"error\""), "{body}");
 
     // An answer labelled as something else is inspected all the same.
     let (_, _, body) = post_json(
@@ -740,3 +750,4 @@ async fn messages_a_tool_might_read_differently_are_refused() {
     sidecar.stop().await;
     ct.cancel();
 }
+

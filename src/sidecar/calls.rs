@@ -248,14 +248,20 @@ impl Tracker {
         tracing::info!("tool call");
     }
 
-    /// Answers every open request with `refusal`, as JSON-RPC messages, and counts the calls
-    /// among them as errors.
+    /// Answers every open request with `refusal`, as JSON-RPC messages (an `isError` result for
+    /// a call cut off by its deadline, a JSON-RPC error otherwise), and counts the calls among
+    /// them as errors.
     pub fn fail_all(&mut self, refusal: &Refusal) -> Vec<String> {
         let mut answers = Vec::with_capacity(self.pending.len());
         for (id, p) in std::mem::take(&mut self.pending) {
             match p {
                 Pending::Call(call) => {
-                    answers.push(rescue::tool_call_answer(&id, refusal));
+                    answers.push(match refusal {
+                        // No tool ran to produce a result: a server error, as the MCP spec
+                        // has it, not a tool result the model would take for the tool's.
+                        Refusal::Upstream(_) => rescue::request_error(Some(&id), refusal),
+                        _ => rescue::tool_call_answer(&id, refusal),
+                    });
                     if let Refusal::Deadline(d) = refusal {
                         // The call reached the tool and was cut off: an execution that failed,
                         // and a violation of the limit.

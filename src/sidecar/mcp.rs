@@ -756,6 +756,9 @@ struct Stream {
     queue: VecDeque<Bytes>,
     done: bool,
     resume: Option<Resume>,
+    /// Whether the sidecar resumed the stream: then it ends once nothing is open, as the
+    /// server's resumed stream may stay open for the session.
+    resumed: bool,
 }
 
 /// How the sidecar picks up an answer stream that the server ends before its answers, having
@@ -880,6 +883,7 @@ fn event_stream(
         queue,
         done: false,
         resume,
+        resumed: false,
     };
     let stream = futures_util::stream::unfold(state, next_chunk);
     Response::from_parts(parts, Body::from_stream(stream))
@@ -927,6 +931,9 @@ async fn next_chunk(mut st: Stream) -> Option<(Result<Bytes, Infallible>, Stream
                         for event in events {
                             st.event(event);
                         }
+                        if st.resumed && !st.tracker.has_pending() {
+                            st.done = true;
+                        }
                     }
                     Err(sse::EventTooLarge) => {
                         let reason = "sent an event larger than the limit".to_owned();
@@ -966,7 +973,10 @@ async fn next_chunk(mut st: Stream) -> Option<(Result<Bytes, Infallible>, Stream
                     None => Some(resuming.await),
                 };
                 match resumed {
-                    Some(Ok(body)) => st.body = body,
+                    Some(Ok(body)) => {
+                        st.body = body;
+                        st.resumed = true;
+                    }
                     Some(Err(reason)) => st.fail_upstream(reason),
                     None => {
                         if let Some((_, refusal)) = st.deadline.take() {
