@@ -371,7 +371,7 @@ async fn a_declared_length_over_the_cap_is_refused_before_the_upload() {
     for path in ["/tools/web/search", "/tools/w%65b/search"] {
         let mut conn = tokio::net::TcpStream::connect(sidecar.addr).await.unwrap();
         let head = format!(
-            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+            "POST {path} HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
              content-length: 10000000\r\nexpect: 100-continue\r\n\r\n"
         );
         conn.write_all(head.as_bytes()).await.unwrap();

@@ -751,3 +751,63 @@ async fn messages_a_tool_might_read_differently_are_refused() {
     ct.cancel();
 }
 
+/// Posts a tool list request as a web page would send it: with `host` and `origin` as given.
+async fn post_from(url: &str, host: &str, origin: Option<&str>) -> (u16, String) {
+    let mut req = reqwest::Client::new()
+        .post(url)
+        .header("host", host)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string());
+    if let Some(origin) = origin {
+        req = req.header("origin", origin);
+    }
+    let res = req.send().await.unwrap();
+    (res.status().as_u16(), res.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_naming_a_foreign_host_are_refused() {
+    let (url, seen, ct) = upstream().await;
+    let sidecar = sidecar_for(&url, "").await;
+    let port = sidecar.addr.port();
+    let (rpc, tools) = (sidecar.mcp_url("rpc"), sidecar.url("/tools/web/search"));
+
+    // A page whose name was pointed at 127.0.0.1 (DNS rebinding) names its own host.
+    let (status, body) = post_from(&rpc, "evil.example.com", None).await;
+    assert_eq!(status, 403, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], -32600, "{body}");
+    assert!(body.contains("Host `evil.example.com`"), "{body}");
+    let evil_origin = Some("http://evil.example.com:8080");
+    let (status, body) = post_from(&rpc, &format!("localhost:{port}"), evil_origin).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("Origin `http://evil.example.com:8080`"),
+        "{body}"
+    );
+    let (status, body) = post_from(&tools, "evil.example.com", None).await;
+    assert_eq!(status, 403, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "forbidden_host", "{body}");
+    assert!(seen.lock().unwrap().is_empty(), "nothing reached the tool");
+
+    // Loopback names, and pages served from them, are answered.
+    let local_page = Some("http://localhost:6274");
+    for host in [format!("localhost:{port}"), format!("[::1]:{port}")] {
+        let (status, body) = post_from(&rpc, &host, local_page).await;
+        assert_eq!(status, 200, "{host}: {body}");
+        assert!(body.contains("\"result\""), "{body}");
+    }
+    sidecar.stop().await;
+
+    // Names the sidecar is reached by besides are allowed by configuration.
+    let sidecar = sidecar_for(&url, "allowed_hosts: [perfecx.agents.svc]").await;
+    let rpc = sidecar.mcp_url("rpc");
+    let (status, body) = post_from(&rpc, "perfecx.agents.svc:15001", None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = post_from(&rpc, "evil.example.com", None).await;
+    assert_eq!(status, 403, "{body}");
+    sidecar.stop().await;
+    ct.cancel();
+}

@@ -40,6 +40,11 @@ pub struct Config {
     /// (default 1000 ms).
     #[serde(default)]
     pub policy_poll_interval_ms: Option<u64>,
+    /// Extension: host names (or IP addresses) that requests to `listen` may name in `Host` and
+    /// `Origin` besides the loopback ones; setting it turns the check on for a listener that is
+    /// not on a loopback address ([`super::origin`]).
+    #[serde(default)]
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 /// One tool server; exactly one of `mcp_url`, `mcp_command` and `http_url` is set.
@@ -251,6 +256,9 @@ impl Config {
         }
         if self.max_body_bytes == Some(0) {
             return Err("`max_body_bytes` must be greater than 0".into());
+        }
+        for host in self.allowed_hosts.iter().flatten() {
+            super::origin::check_allowed_host(host)?;
         }
         if let Some(cp) = &self.control_plane {
             // The agent id goes into the events URL.

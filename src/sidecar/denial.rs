@@ -52,6 +52,15 @@ pub struct UpstreamFailed {
     pub reason: String,
 }
 
+/// The request names a host the tool listener does not answer to: DNS-rebinding protection
+/// ([`super::origin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForeignHost {
+    /// `Host` or `Origin`.
+    pub header: &'static str,
+    pub value: String,
+}
+
 #[derive(Debug, Clone)]
 pub enum Refusal {
     Policy(PolicyDenied),
@@ -61,6 +70,7 @@ pub enum Refusal {
     Deadline(DeadlineExceeded),
     TooLarge(TooLarge),
     Upstream(UpstreamFailed),
+    ForeignHost(ForeignHost),
 }
 
 impl fmt::Display for Refusal {
@@ -100,6 +110,11 @@ impl fmt::Display for Refusal {
             Refusal::Upstream(p) => {
                 write!(f, "The tool server `{}` failed: {}", p.upstream, p.reason)
             }
+            Refusal::ForeignHost(p) => write!(
+                f,
+                "Refused by the perfecx sidecar: {} `{}` names a host it does not answer to (see `allowed_hosts`)",
+                p.header, p.value
+            ),
         }
     }
 }
@@ -137,5 +152,10 @@ impl From<TooLarge> for Refusal {
 impl From<UpstreamFailed> for Refusal {
     fn from(v: UpstreamFailed) -> Self {
         Refusal::Upstream(v)
+    }
+}
+impl From<ForeignHost> for Refusal {
+    fn from(v: ForeignHost) -> Self {
+        Refusal::ForeignHost(v)
     }
 }

@@ -9,7 +9,8 @@
 //! one thread per CPU, each with a single-threaded runtime of its own (`serve.rs`); the rest
 //! (admin, reloads, reporting, stdio servers) runs on the caller's runtime.
 //!
-//! A tool call goes through these steps, each in its own module: the body cap
+//! A tool call goes through these steps, each in its own module: the host it names
+//! ([`origin`], DNS-rebinding protection), the body cap
 //! ([`upstream::read_limited`]), the policy check of the call ([`policy_check`]), forwarding
 //! under the deadline ([`mcp`], [`http_tool`]), the output filter ([`output_filter`]); refusals
 //! are typed ([`denial`]) and turned into answers in one place ([`rescue`]). Policies are
@@ -30,6 +31,7 @@ pub mod http_tool;
 pub mod jsonrpc;
 pub mod mcp;
 pub mod metrics;
+pub mod origin;
 pub mod output_filter;
 pub mod policies;
 pub mod policy_check;
@@ -66,7 +68,9 @@ use tokio_util::sync::CancellationToken;
 use calls::Tracker;
 pub use config::Config;
 use config::UpstreamKind;
+use denial::{ForeignHost, Refusal};
 use metrics::Metrics;
+use origin::HostGuard;
 use policies::{Active, Policies};
 use report::Reporter;
 use upstream::{HttpClient, Transport, Upstream};
@@ -83,6 +87,8 @@ pub struct Shared {
     pub upstreams: HashMap<String, Arc<Upstream>>,
     /// Present when events are reported to a control plane.
     pub reporter: Option<Reporter>,
+    /// Which hosts requests to the tool listener may name.
+    pub hosts: HostGuard,
 }
 
 impl Shared {
@@ -168,7 +174,14 @@ pub async fn run(
         max_body_bytes: config.max_body_bytes(),
         upstreams,
         reporter: reporting.as_ref().map(|r| r.reporter.clone()),
+        hosts: HostGuard::new(listener.local_addr()?, config.allowed_hosts.as_deref()),
     });
+    if !shared.hosts.is_on() {
+        tracing::warn!(
+            listen = %listener.local_addr()?,
+            "the tool listener is not on a loopback address and `allowed_hosts` is not set: the Host and Origin of requests are not checked (DNS-rebinding protection is off)"
+        );
+    }
 
     if let Some(source) = bundles {
         let source = Arc::new(source);
@@ -241,20 +254,41 @@ fn tool_listener(
 + 'static {
     let router = TowerToHyperService::new(router(shared.clone()));
     hyper::service::service_fn(move |req: http::Request<Incoming>| {
+        if let Err(foreign) = shared.hosts.check(req.headers()) {
+            return Either::Left(Either::Left(std::future::ready(Ok(foreign_host(
+                req.uri().path(),
+                foreign,
+            )))));
+        }
         match plain_tool_name(req.method(), req.uri().path()) {
             Some(name) => {
                 let found = http_upstream(&shared, name).ok_or_else(|| unknown_upstream(name));
                 let shared = shared.clone();
-                Either::Left(async move {
+                Either::Left(Either::Right(async move {
                     Ok(match found {
                         Ok(up) => http_tool::handle(shared, up, req).await,
                         Err(unknown) => unknown,
                     })
-                })
+                }))
             }
             None => Either::Right(router.call(req)),
         }
     })
+}
+
+/// The answer to a request from a host the listener does not answer to: 403, with a JSON-RPC
+/// error on the MCP routes and the plain HTTP tools' error body elsewhere.
+fn foreign_host(path: &str, foreign: ForeignHost) -> Response<Body> {
+    tracing::warn!(header = foreign.header, value = %foreign.value, path, "request refused: not a host this sidecar answers to");
+    let refusal = Refusal::from(foreign);
+    if path.starts_with("/mcp/") {
+        rescue::json_response(
+            rescue::status(&refusal),
+            rescue::request_error(None, &refusal),
+        )
+    } else {
+        rescue::http_error(&refusal)
+    }
 }
 
 /// The tool name of a plain HTTP tool call whose path the router would match as

@@ -25,7 +25,7 @@ pub fn tool_call_answer(id: &str, refusal: &Refusal) -> String {
 pub fn request_error(id: Option<&str>, refusal: &Refusal) -> String {
     let code = match refusal {
         Refusal::Unjudgeable(_) => jsonrpc::INVALID_PARAMS,
-        Refusal::SlowClient(_) => jsonrpc::INVALID_REQUEST,
+        Refusal::SlowClient(_) | Refusal::ForeignHost(_) => jsonrpc::INVALID_REQUEST,
         _ => jsonrpc::INTERNAL_ERROR,
     };
     jsonrpc::error_message(id, code, &refusal.to_string())
@@ -42,6 +42,7 @@ pub fn status(refusal: &Refusal) -> StatusCode {
         Refusal::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
         Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Refusal::Upstream(_) => StatusCode::BAD_GATEWAY,
+        Refusal::ForeignHost(_) => StatusCode::FORBIDDEN,
     }
 }
 
@@ -55,6 +56,7 @@ fn code(refusal: &Refusal) -> &'static str {
         Refusal::Deadline(_) => "deadline_exceeded",
         Refusal::TooLarge(_) => "payload_too_large",
         Refusal::Upstream(_) => "upstream_failed",
+        Refusal::ForeignHost(_) => "forbidden_host",
     }
 }
 
