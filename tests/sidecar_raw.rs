@@ -786,11 +786,30 @@ async fn requests_naming_a_foreign_host_are_refused() {
         body.contains("Origin `http://evil.example.com:8080`"),
         "{body}"
     );
+    let (status, body) = post_from(&rpc, &format!("localhost:{port}"), Some("null")).await;
+    assert_eq!(status, 403, "{body}");
     let (status, body) = post_from(&tools, "evil.example.com", None).await;
     assert_eq!(status, 403, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["code"], "forbidden_host", "{body}");
+    // An image or a link on a page of another site: a GET with no Origin.
+    let linked = reqwest::Client::new()
+        .get(&tools)
+        .header("sec-fetch-site", "cross-site")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(linked.status(), 403);
     assert!(seen.lock().unwrap().is_empty(), "nothing reached the tool");
+    // Nor can such a page read the admin listener.
+    let admin = reqwest::Client::new()
+        .get(format!("http://{}/policies", sidecar.admin))
+        .header("host", "evil.example.com:15000")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status(), 403);
+    assert_eq!(sidecar.admin_get("/policies").await.0, 200);
 
     // Loopback names, and pages served from them, are answered.
     let local_page = Some("http://localhost:6274");

@@ -37,7 +37,7 @@ pub struct Config {
     #[serde(default)]
     pub max_body_bytes: Option<u64>,
     /// How often the policy directory is polled as a fallback for lost file-system events
-    /// (default 1000 ms).
+    /// (default 500 ms).
     #[serde(default)]
     pub policy_poll_interval_ms: Option<u64>,
     /// Extension: host names (or IP addresses) that requests to `listen` may name in `Host` and

@@ -203,6 +203,7 @@ pub async fn run(
         watch_stop.cancelled().await
     })));
 
+    let admin_hosts = HostGuard::for_admin(admin.local_addr()?, config.allowed_hosts.as_deref());
     tracing::info!(
         agent_id = %config.agent_id,
         listen = %listener.local_addr()?,
@@ -221,7 +222,7 @@ pub async fn run(
     )?);
     let admin = tokio::spawn(serve::serve(
         admin,
-        TowerToHyperService::new(admin::router(shared)),
+        TowerToHyperService::new(admin::router(shared, admin_hosts)),
         stop.clone(),
         SHUTDOWN_GRACE,
     ));

@@ -1,40 +1,53 @@
-//! Enforcement step: where a request comes from. DNS-rebinding protection for the tool listener,
-//! as the MCP spec asks of servers: a web page whose name an attacker points at 127.0.0.1 would
-//! otherwise reach the tools through the sidecar, and the sidecar sends every tool its own
-//! `Host`, so a tool's own check could not see it.
+//! Enforcement step: where a request comes from. DNS-rebinding protection, as the MCP spec asks
+//! of servers: a web page whose name an attacker points at 127.0.0.1 would otherwise reach the
+//! tools through the sidecar, and the sidecar sends every tool its own `Host`, so a tool's own
+//! check could not see it.
 //!
 //! On a loopback listener (the default), or whenever `allowed_hosts` is set, a request is
-//! refused when its `Host` names anything but a loopback name (`localhost`, `127.x.x.x`,
-//! `[::1]`) or an allowed host, and when it carries an `Origin` (browsers send one) whose host
-//! is not one of those either. A listener on another address without `allowed_hosts` cannot know
-//! the names it is reached by, so it checks neither and says so at startup.
+//! refused when its `Host` names anything but a loopback name (`localhost` and `*.localhost`,
+//! `127.x.x.x`, `[::1]`) or an allowed host; when it carries an `Origin` (browsers send one with
+//! every request a script makes across origins, and with every POST) whose host is not one of
+//! those either; and when a browser says it comes from another site (`Sec-Fetch-Site:
+//! cross-site`) without an `Origin`, as an image or a link does. A listener on another address
+//! without `allowed_hosts` cannot know the names it is reached by, so it checks none of this and
+//! says so at startup. The admin listener is guarded on a loopback address only: scrapers and
+//! probes reach it by the pod's address.
 
 use std::net::{IpAddr, SocketAddr};
 
-use http::HeaderMap;
 use http::header::{HOST, ORIGIN};
+use http::{HeaderMap, HeaderName};
 
 use super::denial::ForeignHost;
+
+const SEC_FETCH_SITE: HeaderName = HeaderName::from_static("sec-fetch-site");
 
 /// Which hosts requests may name.
 #[derive(Debug, Clone)]
 pub struct HostGuard {
-    /// Lowercase host names or IP literals (IPv6 bracketed) allowed besides the loopback ones.
+    /// Allowed besides the loopback names, normalized ([`normalize`]).
     allowed: Vec<String>,
     on: bool,
 }
 
 impl HostGuard {
-    /// The guard for a listener bound to `listen`, with the configured `allowed_hosts`.
+    /// The guard for the tool listener, bound to `listen`, with the configured `allowed_hosts`.
     pub fn new(listen: SocketAddr, allowed_hosts: Option<&[String]>) -> HostGuard {
-        let allowed: Vec<String> = allowed_hosts
-            .unwrap_or_default()
-            .iter()
-            .map(|h| h.trim().to_ascii_lowercase())
-            .collect();
+        let mut guard = HostGuard::for_admin(listen, allowed_hosts);
+        guard.on |= allowed_hosts.is_some();
+        guard
+    }
+
+    /// The guard for the admin listener: on for a loopback address only, whatever
+    /// `allowed_hosts` says.
+    pub fn for_admin(listen: SocketAddr, allowed_hosts: Option<&[String]>) -> HostGuard {
         HostGuard {
-            on: listen.ip().is_loopback() || allowed_hosts.is_some(),
-            allowed,
+            allowed: allowed_hosts
+                .unwrap_or_default()
+                .iter()
+                .map(|h| normalize(h.trim()))
+                .collect(),
+            on: listen.ip().is_loopback(),
         }
     }
 
@@ -55,28 +68,39 @@ impl HostGuard {
             for value in headers.get_all(header) {
                 let text = value.to_str().unwrap_or("");
                 if !host_of(text).is_some_and(|h| self.allows(h)) {
-                    return Err(ForeignHost {
-                        header: name,
-                        value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                    });
+                    return Err(foreign(name, value.as_bytes()));
                 }
             }
+        }
+        if !headers.contains_key(ORIGIN)
+            && let Some(site) = headers.get(SEC_FETCH_SITE)
+            && site.as_bytes().eq_ignore_ascii_case(b"cross-site")
+        {
+            return Err(foreign("Sec-Fetch-Site", site.as_bytes()));
         }
         Ok(())
     }
 
     fn allows(&self, host: &str) -> bool {
-        let host = host.to_ascii_lowercase();
+        let host = normalize(host);
         is_loopback(&host) || self.allowed.contains(&host)
     }
 }
 
-/// Checks one `allowed_hosts` entry: a host name or IP literal, without scheme, port or path.
+fn foreign(header: &'static str, value: &[u8]) -> ForeignHost {
+    ForeignHost {
+        header,
+        value: String::from_utf8_lossy(value).into_owned(),
+    }
+}
+
+/// Checks one `allowed_hosts` entry: a host name or IP address (IPv6 bare or bracketed),
+/// without scheme, port, path or wildcard.
 pub fn check_allowed_host(entry: &str) -> Result<(), String> {
-    let trimmed = entry.trim();
-    let valid = !trimmed.is_empty()
-        && host_of_authority(trimmed) == Some(trimmed)
-        && !trimmed.contains(['/', '@', '*']);
+    let host = entry.trim();
+    let valid = !host.is_empty()
+        && (bare_ip(host).is_some()
+            || (host_of_authority(host) == Some(host) && !host.contains(['/', '@', '*'])));
     if valid {
         Ok(())
     } else {
@@ -86,15 +110,30 @@ pub fn check_allowed_host(entry: &str) -> Result<(), String> {
     }
 }
 
-fn is_loopback(host: &str) -> bool {
-    if host == "localhost" || host.ends_with(".localhost") {
-        return true;
+/// A host as compared: lowercase, an IP address in its canonical form (IPv6 bracketed), so that
+/// `fd00::7`, `[fd00:0::7]` and `[FD00::7]` are one host.
+fn normalize(host: &str) -> String {
+    match bare_ip(host) {
+        Some(IpAddr::V6(ip)) => format!("[{ip}]"),
+        Some(IpAddr::V4(ip)) => ip.to_string(),
+        None => host.to_ascii_lowercase(),
     }
-    let literal = host
-        .strip_prefix('[')
+}
+
+/// The IP address `host` is, bracketed or not.
+fn bare_ip(host: &str) -> Option<IpAddr> {
+    host.strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
-    literal.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        .unwrap_or(host)
+        .parse()
+        .ok()
+}
+
+/// Whether a normalized host is a loopback one.
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host.ends_with(".localhost")
+        || bare_ip(host).is_some_and(|ip| ip.is_loopback())
 }
 
 /// The host of an authority (`host`, `host:port`, `[v6]:port`), without its port.
@@ -158,6 +197,15 @@ mod tests {
         let ok = headers(Some("localhost:15001"), Some("http://localhost:6274"));
         assert_eq!(guard.check(&ok), Ok(()));
         assert_eq!(guard.check(&headers(None, None)), Ok(()));
+        // A page on another site that loads an image or follows a link sends no Origin.
+        let mut linked = headers(Some("127.0.0.1:15001"), None);
+        linked.insert(SEC_FETCH_SITE, HeaderValue::from_static("cross-site"));
+        assert_eq!(guard.check(&linked).unwrap_err().header, "Sec-Fetch-Site");
+        linked.insert(SEC_FETCH_SITE, HeaderValue::from_static("same-site"));
+        assert_eq!(guard.check(&linked), Ok(()));
+        let mut fetched = headers(Some("127.0.0.1:15001"), Some("http://localhost:6274"));
+        fetched.insert(SEC_FETCH_SITE, HeaderValue::from_static("cross-site"));
+        assert_eq!(guard.check(&fetched), Ok(()), "the Origin decides");
 
         for (host, origin, header) in [
             (Some("evil.example.com:15001"), None, "Host"),
@@ -183,9 +231,19 @@ mod tests {
         let evil = headers(Some("evil.example.com"), Some("http://evil.example.com"));
         assert_eq!(HostGuard::new(any, None).check(&evil), Ok(()));
 
-        let allowed = ["perfecx.agents.svc".to_owned(), "10.0.0.7".to_owned()];
+        let allowed = [
+            "perfecx.agents.svc".to_owned(),
+            "10.0.0.7".to_owned(),
+            "fd00::7".to_owned(),
+        ];
+        // Scrapers and probes reach the admin listener by the pod's address.
+        assert!(!HostGuard::for_admin(any, Some(&allowed)).is_on());
         let guard = HostGuard::new(any, Some(&allowed));
         assert!(guard.is_on());
+        assert_eq!(
+            guard.check(&headers(Some("[FD00:0::7]:15001"), None)),
+            Ok(())
+        );
         assert_eq!(
             guard.check(&headers(Some("Perfecx.Agents.Svc:15001"), None)),
             Ok(())
@@ -197,7 +255,13 @@ mod tests {
 
     #[test]
     fn allowed_host_entries_are_bare_hosts() {
-        for ok in ["example.com", "10.0.0.7", "[::1]", "perfecx-sidecar"] {
+        for ok in [
+            "example.com",
+            "10.0.0.7",
+            "[::1]",
+            "fd00::7",
+            "perfecx-sidecar",
+        ] {
             assert_eq!(check_allowed_host(ok), Ok(()), "{ok}");
         }
         for bad in [
