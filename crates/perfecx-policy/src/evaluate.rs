@@ -310,7 +310,10 @@ impl PolicySet {
                         TokenKind::Key | TokenKind::String => t.raw.start + 1..t.raw.end - 1,
                     };
                     let normal = is_normal(t.text);
+                    // A number written otherwise than its plain digits is searched as those.
+                    let as_written = t.kind != TokenKind::Number || t.text == &src[inner.clone()];
                     let in_place = normal
+                        && as_written
                         && whole.is_some()
                         && only_quote_escapes(&src.as_bytes()[inner.clone()]);
                     let mut triggered = 0;

@@ -15,7 +15,8 @@ pub(crate) enum TokenKind {
     Number,
 }
 
-/// One token, decoded (`\u` escapes resolved), with its byte range in the source (quotes
+/// One token, decoded (`\u` escapes resolved; a number with a fraction or an exponent written
+/// out in plain digits, see [`plain_number`]), with its byte range in the source (quotes
 /// included) and, for a value directly under an object key, that key.
 #[derive(Debug)]
 pub(crate) struct Token<'a> {
@@ -114,10 +115,16 @@ impl Scanner {
                         b'n' => i = literal(b, i, b"null")?,
                         b'-' | b'0'..=b'9' => {
                             let end = number(b, i)?;
+                            let raw = &src[i..end];
+                            let text = if plain_number(raw, &mut self.buf) {
+                                &self.buf[..]
+                            } else {
+                                raw
+                            };
                             let key = keyed.then_some(&self.key[..]);
                             visit(Token {
                                 kind: TokenKind::Number,
-                                text: &src[i..end],
+                                text,
                                 raw: i..end,
                                 key,
                             });
@@ -289,6 +296,66 @@ fn literal(b: &[u8], i: usize, word: &[u8]) -> Result<usize, JsonError> {
     }
 }
 
+/// Longest plain form written for a number; one longer stays as written.
+const MAX_PLAIN_NUMBER: usize = 64;
+
+/// Writes the number `raw` (valid JSON) into `out` in plain digits, as a reader of the document
+/// sees its value: `4.111111111111111e15` is `4111111111111111` (a card number), `2.5E-3` is
+/// `0.0025`, `10.50` is `10.5`. Returns false, writing nothing, when `raw` is plain already or
+/// its plain form would be longer than [`MAX_PLAIN_NUMBER`] bytes.
+fn plain_number(raw: &str, out: &mut String) -> bool {
+    if !raw.contains(['.', 'e', 'E']) {
+        return false;
+    }
+    let (negative, unsigned) = match raw.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, raw),
+    };
+    let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
+        Some(at) => (&unsigned[..at], &unsigned[at + 1..]),
+        None => (unsigned, "0"),
+    };
+    let Ok(exponent) = exponent.parse::<i64>() else {
+        return false;
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    // The significant digits (no leading or trailing zeros), and where the point falls among
+    // them; read in place, so that the allow path allocates nothing.
+    let all = || int.bytes().chain(frac.bytes());
+    let total = int.len() + frac.len();
+    let lead = all().take_while(|&d| d == b'0').count();
+    if lead == total {
+        out.clear();
+        out.push('0');
+        return true;
+    }
+    let trail = all().rev().take_while(|&d| d == b'0').count();
+    let len = (total - lead - trail) as i64;
+    let Some(point) = (int.len() as i64 - lead as i64).checked_add(exponent) else {
+        return false;
+    };
+    let width = point.max(len) - point.min(0) + 3;
+    if width > MAX_PLAIN_NUMBER as i64 {
+        return false;
+    }
+    out.clear();
+    if negative {
+        out.push('-');
+    }
+    if point <= 0 {
+        out.push_str("0.");
+        out.extend(std::iter::repeat_n('0', (-point) as usize));
+    }
+    for (i, d) in all().skip(lead).take(len as usize).enumerate() {
+        if i as i64 == point && point > 0 {
+            out.push('.');
+        }
+        out.push(char::from(d));
+    }
+    out.extend(std::iter::repeat_n('0', (point - len).max(0) as usize));
+    true
+}
+
 fn number(b: &[u8], start: usize) -> Result<usize, JsonError> {
     let mut i = start;
     if b.get(i) == Some(&b'-') {
@@ -380,13 +447,44 @@ mod tests {
             vec![
                 (TokenKind::Key, "ab", None),
                 (TokenKind::String, "x\"y", None),
-                (TokenKind::Number, "1.5e3", None),
+                (TokenKind::Number, "1500", None),
                 (TokenKind::Key, "k", None),
                 (TokenKind::String, "v", Some("k")),
                 (TokenKind::Key, "n", None),
                 (TokenKind::Number, "-2", Some("n")),
             ]
         );
+    }
+
+    #[test]
+    fn numbers_are_read_in_plain_digits() {
+        let plain = |raw: &str| {
+            let mut out = String::new();
+            plain_number(raw, &mut out).then_some(out)
+        };
+        for (raw, want) in [
+            ("4.111111111111111e15", "4111111111111111"),
+            ("4111111111111111.0", "4111111111111111"),
+            ("41111111111111110000E-4", "4111111111111111"),
+            ("-2.5E-3", "-0.0025"),
+            ("10.50", "10.5"),
+            ("1e2", "100"),
+            ("0.0", "0"),
+            ("0e5", "0"),
+            ("123.456e1", "1234.56"),
+        ] {
+            assert_eq!(plain(raw).as_deref(), Some(want), "{raw}");
+            // Whatever the spelling, the value is the same.
+            assert_eq!(
+                raw.parse::<f64>().unwrap(),
+                want.parse::<f64>().unwrap(),
+                "{raw}"
+            );
+        }
+        // Plain already, or too long to be written out.
+        for raw in ["42", "-7", "1e400", "1e-400", "1e9223372036854775807"] {
+            assert_eq!(plain(raw), None, "{raw}");
+        }
     }
 
     #[test]

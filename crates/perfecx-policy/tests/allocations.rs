@@ -40,7 +40,7 @@ fn scanning_allowed_content_allocates_nothing_once_warm() {
     let set = reference_set();
     let ascii = serde_json::json!({
         "query": "latest AI security news ".repeat(40),
-        "filters": {"lang": "en", "max": 10, "tags": ["a", "b", "c"]},
+        "filters": {"lang": "en", "max": 10, "tags": ["a", "b", "c"], "score": 0.75, "big": 1.5e300},
     })
     .to_string();
     let unicode = r#"{"q": "Ｃａｆé\u200b  naïve\tdéjà vu, 東京の天気 %41"}"#;

@@ -184,6 +184,21 @@ fn sensitive_data_blocks_calls_and_is_redacted_from_output() {
     );
     assert_eq!(v["n"], "[REDACTED:credit_card]");
     assert_eq!(s.redact_output(Content::Json(r#"{"ok":1}"#)).unwrap(), None);
+
+    // A number is read for its value, however it is written: a reader prints these as
+    // 4242424242424242.
+    for n in [
+        "4.242424242424242e15",
+        "4242424242424242.0",
+        "42424242424242420E-1",
+    ] {
+        let args = format!(r#"{{"card":{n}}}"#);
+        let call = s.evaluate_call("pay", Content::Json(&args)).unwrap();
+        assert_eq!(call.outcome, Outcome::Block, "{n}");
+        let out = format!(r#"{{"n":{n},"pi":3.14e0}}"#);
+        let red = s.redact_output(Content::Json(&out)).unwrap().unwrap();
+        assert_eq!(red, r#"{"n":"[REDACTED:credit_card]","pi":3.14e0}"#, "{n}");
+    }
 }
 
 #[test]
