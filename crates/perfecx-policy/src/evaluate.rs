@@ -310,10 +310,11 @@ impl PolicySet {
                         TokenKind::Key | TokenKind::String => t.raw.start + 1..t.raw.end - 1,
                     };
                     let normal = is_normal(t.text);
-                    // A number written otherwise than its plain digits is searched as those.
-                    let as_written = t.kind != TokenKind::Number || t.text == &src[inner.clone()];
+                    // A number written otherwise than its plain digits is searched both ways:
+                    // as it reads and as it is written.
+                    let written = (t.kind == TokenKind::Number && t.text != &src[inner.clone()])
+                        .then(|| &src[inner.clone()]);
                     let in_place = normal
-                        && as_written
                         && whole.is_some()
                         && only_quote_escapes(&src.as_bytes()[inner.clone()]);
                     let mut triggered = 0;
@@ -331,6 +332,12 @@ impl PolicySet {
                     if !in_place {
                         let text = if normal { t.text } else { norm.rewrite(t.text) };
                         triggered = self.match_patterns(tool, text, t.kind, dir, out);
+                    }
+                    if let Some(written) = written {
+                        // Whichever form the search above took, the other one; both are ASCII.
+                        let other = if in_place { t.text } else { written };
+                        triggered |= self.match_patterns(tool, other, t.kind, dir, out);
+                        self.match_sensitive(written, t.key, triggered, false, dir, out);
                     }
                     // Keys too: a key can carry data (an address as the key of a map).
                     self.match_sensitive(t.text, t.key, triggered, !normal, dir, out);
@@ -495,12 +502,21 @@ impl PolicySet {
                 let mut out: Option<String> = None;
                 let mut copied = 0;
                 scanner.scan(src, &mut |t| {
-                    if !collect(t.text, t.key, &mut findings) {
+                    // A number is looked at as it reads, then as it is written.
+                    let written = &src[t.raw.clone()];
+                    let text = if collect(t.text, t.key, &mut findings) {
+                        t.text
+                    } else if t.kind == TokenKind::Number
+                        && written != t.text
+                        && collect(written, t.key, &mut findings)
+                    {
+                        written
+                    } else {
                         return;
-                    }
+                    };
                     let o = out.get_or_insert_with(|| String::with_capacity(src.len()));
                     o.push_str(&src[copied..t.raw.start]);
-                    push_json_string(o, &redacted(t.text, &mut findings));
+                    push_json_string(o, &redacted(text, &mut findings));
                     copied = t.raw.end;
                 })?;
                 Ok(out.map(|mut o| {

@@ -315,7 +315,8 @@ fn plain_number(raw: &str, out: &mut String) -> bool {
         Some(at) => (&unsigned[..at], &unsigned[at + 1..]),
         None => (unsigned, "0"),
     };
-    let Ok(exponent) = exponent.parse::<i64>() else {
+    // A larger exponent puts the point more than 64 digits away: nothing to write out.
+    let Some(exponent) = exponent.parse::<i64>().ok().filter(|e| e.unsigned_abs() <= 128) else {
         return false;
     };
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
@@ -482,7 +483,17 @@ mod tests {
             );
         }
         // Plain already, or too long to be written out.
-        for raw in ["42", "-7", "1e400", "1e-400", "1e9223372036854775807"] {
+        for raw in [
+            "42",
+            "-7",
+            "1e400",
+            "1e-400",
+            "1e9223372036854775807",
+            "1e9223372036854775806",
+            "1e-9223372036854775807",
+            "0.1e-9223372036854775808",
+            "1e99999999999999999999",
+        ] {
             assert_eq!(plain(raw), None, "{raw}");
         }
     }

@@ -199,6 +199,19 @@ fn sensitive_data_blocks_calls_and_is_redacted_from_output() {
         let red = s.redact_output(Content::Json(&out)).unwrap().unwrap();
         assert_eq!(red, r#"{"n":"[REDACTED:credit_card]","pi":3.14e0}"#, "{n}");
     }
+    // And as it is written, which is what a model reads in the raw text.
+    let written = r#"{"card":4242424242424242.0e-8}"#;
+    let call = s.evaluate_call("pay", Content::Json(written)).unwrap();
+    assert_eq!(call.outcome, Outcome::Block);
+    let red = s.redact_output(Content::Json(written)).unwrap().unwrap();
+    assert_eq!(red, r#"{"card":"[REDACTED:credit_card].0e-8"}"#);
+    let words = set(&[
+        "name: w\nrules:\n  - type: content_filter\n    forbidden_patterns: ['1e3', '4.0']\n",
+    ]);
+    for args in [r#"{"n":1e3}"#, r#"{"v":4.0}"#] {
+        let d = words.evaluate_call("calc", Content::Json(args)).unwrap();
+        assert_eq!(d.outcome, Outcome::Block, "{args}");
+    }
 }
 
 #[test]
