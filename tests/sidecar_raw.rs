@@ -213,6 +213,7 @@ async fn upstream() -> (String, Seen, CancellationToken) {
                     .unwrap()
             }),
         )
+        .route("/resumable", resumable())
         .route("/polling", polling(Duration::ZERO))
         .route("/polling-slow", polling(Duration::from_secs(3)))
         .route(
@@ -265,6 +266,40 @@ fn sse_answer(events: fn(&str) -> String) -> axum::routing::MethodRouter {
         Response::builder()
             .header("content-type", "text/event-stream")
             .body(Body::from(events(&reply.to_string())))
+            .unwrap()
+    })
+}
+
+/// A server that keeps a request's event stream open after a priming event, with no answer,
+/// and answers on the stream the client resumes with `Last-Event-ID: 1`; with, besides, an
+/// answer to a request nobody asked (id 99).
+fn resumable() -> axum::routing::MethodRouter {
+    let asked: Arc<Mutex<Value>> = Arc::default();
+    let remember = asked.clone();
+    let open = |first: String| {
+        let first = Ok::<_, std::convert::Infallible>(Bytes::from(first));
+        Body::from_stream(
+            futures_util::stream::iter([first]).chain(futures_util::stream::pending()),
+        )
+    };
+    post(move |body: String| async move {
+        *remember.lock().unwrap() = serde_json::from_str::<Value>(&body).unwrap()["id"].clone();
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(open("id: 1\ndata: \n\n".into()))
+            .unwrap()
+    })
+    .get(move |headers: HeaderMap| async move {
+        assert_eq!(headers["last-event-id"], "1");
+        let id = asked.lock().unwrap().clone();
+        let contents =
+            json!({"contents":[{"uri":"file:///notes","text":"mail jane.doe@example.com"}]});
+        let reply = json!({"jsonrpc":"2.0","id":id,"result":contents});
+        let stray = json!({"jsonrpc":"2.0","id":99,"result":contents});
+        let events = format!("id: 2\ndata: {reply}\n\nid: 3\ndata: {stray}\n\n");
+        Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(open(events))
             .unwrap()
     })
 }
@@ -329,6 +364,7 @@ async fn sidecar_for(url: &str, extra: &str) -> Sidecar {
         "hang",
         "dup",
         "plain",
+        "resumable",
         "polling",
         "polling-slow",
         "polling-gone",
@@ -829,4 +865,78 @@ async fn requests_naming_a_foreign_host_are_refused() {
     assert_eq!(status, 403, "{body}");
     sidecar.stop().await;
     ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_an_agent_resumes_are_judged_as_what_they_answer() {
+    let (url, _, ct) = upstream().await;
+    let sidecar = sidecar_for(&url, "").await;
+    let client = reqwest::Client::new();
+    // The agent reads a resource; its connection breaks before the answer.
+    let read =
+        json!({"jsonrpc":"2.0","id":11,"method":"resources/read","params":{"uri":"file:///notes"}});
+    let mut res = client
+        .post(sidecar.mcp_url("resumable"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", "session-1")
+        .body(read.to_string())
+        .send()
+        .await
+        .unwrap();
+    let priming = res.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&priming).contains("id: 1"));
+    drop(res);
+
+    // It resumes, and the server replays the answer there: a resource's text passes untouched
+    // (only tool calls and tool lists are judged), while an answer to a request the sidecar
+    // never saw is still judged as a tool's output. (Until the sidecar has seen the first
+    // stream end, it does not know the request is open: then it judges that answer too.)
+    let text = |answers: &[Value], id: u64| {
+        let a = answers.iter().find(|a| a["id"] == id).expect("answered");
+        a["result"]["contents"][0]["text"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let start = std::time::Instant::now();
+    let answers = loop {
+        let answers = resume(&client, &sidecar.mcp_url("resumable")).await;
+        if text(&answers, 11) == "mail jane.doe@example.com" {
+            break answers;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the resource was judged: {answers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(text(&answers, 99), "mail [REDACTED:email]", "{answers:?}");
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+/// Resumes session-1's stream after event 1; the two answers the server replays.
+async fn resume(client: &reqwest::Client, url: &str) -> Vec<Value> {
+    let mut res = client
+        .get(url)
+        .header("accept", "text/event-stream")
+        .header("mcp-session-id", "session-1")
+        .header("last-event-id", "1")
+        .send()
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    while seen.matches("data: ").count() < 2 || !seen.ends_with("\n\n") {
+        let chunk = tokio::time::timeout(PATIENCE, res.chunk()).await;
+        let chunk = chunk
+            .expect("the answers come")
+            .unwrap()
+            .expect("the stream stays open");
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    seen.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
 }

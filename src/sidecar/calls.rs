@@ -45,6 +45,9 @@ pub struct Tracker {
     /// Present when events are reported to a control plane.
     reporter: Option<Reporter>,
     pending: HashMap<String, Pending>,
+    /// Requests asked on an earlier stream of the session, neither calls nor tool lists, whose
+    /// answers this resumed stream may carry ([`super::unanswered`]).
+    resumed: Vec<String>,
     /// A permissive `max_execution_time_ms`: calls that take longer are reported, not cut.
     alert_after: Option<(std::time::Duration, String)>,
 }
@@ -65,6 +68,7 @@ impl Tracker {
             metrics,
             reporter,
             pending: HashMap::new(),
+            resumed: Vec::new(),
             alert_after: None,
         }
     }
@@ -171,6 +175,27 @@ impl Tracker {
 
     pub fn take(&mut self, id: &str) -> Option<Pending> {
         self.pending.remove(id)
+    }
+
+    /// Expects on this stream the answers to `ids`, requests of an earlier stream that are
+    /// neither calls nor tool lists.
+    pub fn expect_resumed(&mut self, ids: Vec<String>) {
+        self.resumed = ids;
+    }
+
+    /// Whether `id` is one of [`Tracker::expect_resumed`]'s, which it stops being.
+    pub fn take_resumed(&mut self, id: &str) -> bool {
+        let found = self.resumed.iter().position(|r| r == id);
+        found.map(|i| self.resumed.swap_remove(i)).is_some()
+    }
+
+    /// The open requests that are neither calls nor tool lists.
+    pub fn open_others(&self) -> Vec<String> {
+        self.pending
+            .iter()
+            .filter(|(_, p)| matches!(p, Pending::Other))
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     pub fn has_calls(&self) -> bool {

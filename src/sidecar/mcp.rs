@@ -519,6 +519,8 @@ fn inspect_reply(
                 None => Inspected::Drop,
             },
             Some(Pending::Other) => Inspected::Keep,
+            // Asked on the stream the agent resumed: passes as it would have there.
+            None if tracker.take_resumed(&jsonrpc::id_key(id)) => Inspected::Keep,
             None => match active {
                 Some(active) => unmatched(tracker, active, msg, id, result),
                 // Nothing to judge it by: not shown (fail closed).
@@ -726,16 +728,21 @@ async fn other(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<B
         Err(res) => return res,
     };
     let is_get = parts.method == Method::GET;
+    let resuming = parts.headers.contains_key(LAST_EVENT_ID);
+    let session = parts.headers.get(MCP_SESSION_ID).cloned();
     let res = match send(shared, up, parts.method, parts.headers, bytes).await {
         Ok(res) => res,
         Err(e) => return rescue::http_error(&e.into()),
     };
-    let tracker = shared.tracker(up.name.clone());
+    let mut tracker = shared.tracker(up.name.clone());
     if !res.status().is_success() {
         return judged_http(res, &tracker, active.as_deref(), cap).await;
     }
     if !is_get {
         return res;
+    }
+    if let Some(session) = session.filter(|_| resuming) {
+        tracker.expect_resumed(shared.unanswered.take(&up.name, &session));
     }
     if !media_type_is(res.headers(), "text/event-stream") {
         // Some clients parse any successful answer to their GET as an event stream.
@@ -985,6 +992,19 @@ async fn next_chunk(mut st: Stream) -> Option<(Result<Bytes, Infallible>, Stream
                     }
                 }
             }
+        }
+    }
+}
+
+impl Drop for Stream {
+    /// A stream dropped with requests open was cut on the agent's side (a failure answers them
+    /// all): the agent may resume it, and get their answers there.
+    fn drop(&mut self) {
+        let Some(resume) = &self.resume else { return };
+        if let Some(session) = resume.headers.get(MCP_SESSION_ID) {
+            let upstream = resume.up.name.clone();
+            let open = self.tracker.open_others();
+            resume.shared.unanswered.keep(&upstream, session, open);
         }
     }
 }

@@ -44,6 +44,7 @@ pub mod spool;
 pub mod sse;
 pub mod stdio;
 mod time;
+mod unanswered;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -89,6 +90,8 @@ pub struct Shared {
     pub reporter: Option<Reporter>,
     /// Which hosts requests to the tool listener may name.
     pub hosts: HostGuard,
+    /// Requests whose answers an agent may get on a stream it resumes.
+    unanswered: unanswered::Unanswered,
 }
 
 impl Shared {
@@ -175,6 +178,7 @@ pub async fn run(
         upstreams,
         reporter: reporting.as_ref().map(|r| r.reporter.clone()),
         hosts: HostGuard::new(listener.local_addr()?, config.allowed_hosts.as_deref()),
+        unanswered: unanswered::Unanswered::default(),
     });
     if !shared.hosts.is_on() {
         tracing::warn!(

@@ -316,7 +316,11 @@ fn plain_number(raw: &str, out: &mut String) -> bool {
         None => (unsigned, "0"),
     };
     // A larger exponent puts the point more than 64 digits away: nothing to write out.
-    let Some(exponent) = exponent.parse::<i64>().ok().filter(|e| e.unsigned_abs() <= 128) else {
+    let Some(exponent) = exponent
+        .parse::<i64>()
+        .ok()
+        .filter(|e| e.unsigned_abs() <= 128)
+    else {
         return false;
     };
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
