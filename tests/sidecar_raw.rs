@@ -912,6 +912,23 @@ async fn answers_an_agent_resumes_are_judged_as_what_they_answer() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(text(&answers, 99), "mail [REDACTED:email]", "{answers:?}");
+
+    // The agent reuses the resource read's id for a call, and resumes before the sidecar could
+    // see that call's stream cut: the call's answer is judged, whichever stream it comes on.
+    let call = call(11, "echo", json!({}));
+    let mut res = client
+        .post(sidecar.mcp_url("resumable"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", "session-1")
+        .body(call.to_string())
+        .send()
+        .await
+        .unwrap();
+    res.chunk().await.unwrap().unwrap();
+    let answers = resume(&client, &sidecar.mcp_url("resumable")).await;
+    assert_eq!(text(&answers, 11), "mail [REDACTED:email]", "{answers:?}");
+    drop(res);
     sidecar.stop().await;
     ct.cancel();
 }

@@ -189,13 +189,17 @@ impl Tracker {
         found.map(|i| self.resumed.swap_remove(i)).is_some()
     }
 
-    /// The open requests that are neither calls nor tool lists.
-    pub fn open_others(&self) -> Vec<String> {
+    /// The open requests, each with whether it is neither a call nor a tool list.
+    pub fn open_requests(&self) -> Vec<(String, bool)> {
         self.pending
             .iter()
-            .filter(|(_, p)| matches!(p, Pending::Other))
-            .map(|(id, _)| id.clone())
+            .map(|(id, p)| (id.clone(), matches!(p, Pending::Other)))
             .collect()
+    }
+
+    /// Whether `id` is an open call or tool list: one whose answer is judged.
+    pub fn judges(&self, id: &str) -> bool {
+        matches!(self.pending.get(id), Some(Pending::Call(_) | Pending::List))
     }
 
     pub fn has_calls(&self) -> bool {

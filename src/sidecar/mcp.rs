@@ -6,7 +6,7 @@
 //! The order for one POST: read (capped) → parse → judge each call → forward what is allowed
 //! (under the deadline) → inspect each answer → add the sidecar's own answers.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use http::{
 use http_body_util::BodyExt;
 use perfecx_policy::{Content, Enforcement};
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
@@ -227,6 +228,13 @@ async fn post(shared: &Arc<Shared>, up: &Arc<Upstream>, req: Request<Body>) -> R
             Rpc::Other => forward.push(msg.get().to_owned()),
         }
     }
+    // A call or tool list under the id of a request whose stream was cut: its answer must not
+    // pass for that request's on a resumed stream.
+    if let Some(session) = parts.headers.get(MCP_SESSION_ID) {
+        shared
+            .unanswered
+            .forget(&up.name, session, |id| tracker.judges(id));
+    }
     let batch = parsed.batch;
     if forward.is_empty() {
         if local.is_empty() {
@@ -406,6 +414,17 @@ struct ResultFlags {
     is_error: bool,
 }
 
+/// Whether `result` is an object without any member by which a client could take it for a tool
+/// call's or a tool list's result (whatever its value, `null` included).
+fn not_tool_shaped(result: &RawValue) -> bool {
+    let members = serde_json::from_str::<HashMap<String, IgnoredAny>>(result.get());
+    members.is_ok_and(|m| {
+        ["content", "structuredContent", "isError", "tools"]
+            .iter()
+            .all(|k| !m.contains_key(*k))
+    })
+}
+
 /// What becomes of one message from the server.
 pub enum Inspected {
     Keep,
@@ -519,8 +538,11 @@ fn inspect_reply(
                 None => Inspected::Drop,
             },
             Some(Pending::Other) => Inspected::Keep,
-            // Asked on the stream the agent resumed: passes as it would have there.
-            None if tracker.take_resumed(&jsonrpc::id_key(id)) => Inspected::Keep,
+            // Asked on the stream the agent resumed: passes as it would have there, unless a
+            // client could take it for a call's (whatever ids the agent reused, and when).
+            None if not_tool_shaped(result) && tracker.take_resumed(&jsonrpc::id_key(id)) => {
+                Inspected::Keep
+            }
             None => match active {
                 Some(active) => unmatched(tracker, active, msg, id, result),
                 // Nothing to judge it by: not shown (fail closed).
@@ -742,7 +764,7 @@ async fn other(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<B
         return res;
     }
     if let Some(session) = session.filter(|_| resuming) {
-        tracker.expect_resumed(shared.unanswered.take(&up.name, &session));
+        tracker.expect_resumed(shared.unanswered.resumable(&up.name, &session));
     }
     if !media_type_is(res.headers(), "text/event-stream") {
         // Some clients parse any successful answer to their GET as an event stream.
@@ -1002,9 +1024,11 @@ impl Drop for Stream {
     fn drop(&mut self) {
         let Some(resume) = &self.resume else { return };
         if let Some(session) = resume.headers.get(MCP_SESSION_ID) {
-            let upstream = resume.up.name.clone();
-            let open = self.tracker.open_others();
-            resume.shared.unanswered.keep(&upstream, session, open);
+            let open = self.tracker.open_requests();
+            resume
+                .shared
+                .unanswered
+                .keep(&resume.up.name, session, open);
         }
     }
 }
@@ -1062,5 +1086,28 @@ impl Stream {
                 .push_back(Bytes::from(sse::message_event(&answer)));
         }
         self.done = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_a_client_could_take_for_a_tools_is_tool_shaped() {
+        let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
+        assert!(not_tool_shaped(&raw(r#"{"contents":[{"uri":"a","text":"b"}]}"#)));
+        assert!(not_tool_shaped(&raw(r#"{"messages":[],"description":"p"}"#)));
+        for shaped in [
+            r#"{"content":[]}"#,
+            r#"{"content":null}"#,
+            r#"{"structuredContent":{}}"#,
+            r#"{"isError":false,"contents":[]}"#,
+            r#"{"tools":[]}"#,
+            r#"[]"#,
+            r#""text""#,
+        ] {
+            assert!(!not_tool_shaped(&raw(shaped)), "{shaped}");
+        }
     }
 }
