@@ -875,15 +875,7 @@ async fn answers_an_agent_resumes_are_judged_as_what_they_answer() {
     // The agent reads a resource; its connection breaks before the answer.
     let read =
         json!({"jsonrpc":"2.0","id":11,"method":"resources/read","params":{"uri":"file:///notes"}});
-    let mut res = client
-        .post(sidecar.mcp_url("resumable"))
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-session-id", "session-1")
-        .body(read.to_string())
-        .send()
-        .await
-        .unwrap();
+    let mut res = post_open(&client, &sidecar.mcp_url("resumable"), &read).await;
     let priming = res.chunk().await.unwrap().unwrap();
     assert!(String::from_utf8_lossy(&priming).contains("id: 1"));
     drop(res);
@@ -916,21 +908,26 @@ async fn answers_an_agent_resumes_are_judged_as_what_they_answer() {
     // The agent reuses the resource read's id for a call, and resumes before the sidecar could
     // see that call's stream cut: the call's answer is judged, whichever stream it comes on.
     let call = call(11, "echo", json!({}));
-    let mut res = client
-        .post(sidecar.mcp_url("resumable"))
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-session-id", "session-1")
-        .body(call.to_string())
-        .send()
-        .await
-        .unwrap();
+    let mut res = post_open(&client, &sidecar.mcp_url("resumable"), &call).await;
     res.chunk().await.unwrap().unwrap();
     let answers = resume(&client, &sidecar.mcp_url("resumable")).await;
     assert_eq!(text(&answers, 11), "mail [REDACTED:email]", "{answers:?}");
     drop(res);
     sidecar.stop().await;
     ct.cancel();
+}
+
+/// Posts `message` in session-1, the answer's stream left for the caller to read.
+async fn post_open(client: &reqwest::Client, url: &str, message: &Value) -> reqwest::Response {
+    client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", "session-1")
+        .body(message.to_string())
+        .send()
+        .await
+        .unwrap()
 }
 
 /// Resumes session-1's stream after event 1; the two answers the server replays.

@@ -1096,8 +1096,12 @@ mod tests {
     #[test]
     fn a_result_a_client_could_take_for_a_tools_is_tool_shaped() {
         let raw = |s: &str| RawValue::from_string(s.to_owned()).unwrap();
-        assert!(not_tool_shaped(&raw(r#"{"contents":[{"uri":"a","text":"b"}]}"#)));
-        assert!(not_tool_shaped(&raw(r#"{"messages":[],"description":"p"}"#)));
+        assert!(not_tool_shaped(&raw(
+            r#"{"contents":[{"uri":"a","text":"b"}]}"#
+        )));
+        assert!(not_tool_shaped(&raw(
+            r#"{"messages":[],"description":"p"}"#
+        )));
         for shaped in [
             r#"{"content":[]}"#,
             r#"{"content":null}"#,
