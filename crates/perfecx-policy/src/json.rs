@@ -304,7 +304,9 @@ const MAX_PLAIN_NUMBER: usize = 64;
 /// `0.0025`, `10.50` is `10.5`. Returns false, writing nothing, when `raw` is plain already or
 /// its plain form would be longer than [`MAX_PLAIN_NUMBER`] bytes.
 fn plain_number(raw: &str, out: &mut String) -> bool {
-    if !raw.contains(['.', 'e', 'E']) {
+    // Without an exponent, only a fraction's trailing zeros make the plain form differ.
+    let trailing_zeros = raw.contains('.') && raw.ends_with('0');
+    if !(raw.contains(['e', 'E']) || trailing_zeros) {
         return false;
     }
     let (negative, unsigned) = match raw.strip_prefix('-') {
