@@ -30,6 +30,13 @@ fn answer(body: &str) -> Option<String> {
             "tools/call" => {
                 json!({"content": [{"type": "text", "text": format!("called {}", m["params"]["name"])}]})
             }
+            // A task-augmented call's result, and a resource.
+            "tasks/result" => {
+                json!({"content": [{"type": "text", "text": "mail jane.doe@example.com"}]})
+            }
+            "resources/read" => {
+                json!({"contents": [{"uri": "file:///notes", "text": "mail jane.doe@example.com"}]})
+            }
             _ => json!({}),
         };
         Some(json!({"jsonrpc": "2.0", "id": id, "result": result}))
@@ -953,4 +960,21 @@ async fn resume(client: &reqwest::Client, url: &str) -> Vec<Value> {
         .filter_map(|l| l.strip_prefix("data: "))
         .map(|d| serde_json::from_str(d).unwrap())
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_shaped_like_a_calls_is_judged_whatever_asked_for_it() {
+    let (url, _, ct) = upstream().await;
+    let sidecar = sidecar_for(&url, "").await;
+    let ask =
+        |method: &str| json!({"jsonrpc":"2.0","id":3,"method":method,"params":{}}).to_string();
+    // `tasks/result` carries a task-augmented call's result: judged as one.
+    let (status, _, body) = post_json(&sidecar.mcp_url("rpc"), ask("tasks/result")).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("mail [REDACTED:email]"), "{body}");
+    // A resource is not a tool's output: it passes untouched.
+    let (_, _, body) = post_json(&sidecar.mcp_url("rpc"), ask("resources/read")).await;
+    assert!(body.contains("mail jane.doe@example.com"), "{body}");
+    sidecar.stop().await;
+    ct.cancel();
 }

@@ -415,13 +415,22 @@ struct ResultFlags {
 }
 
 /// Whether `result` is an object without any member by which a client could take it for a tool
-/// call's or a tool list's result (whatever its value, `null` included).
+/// call's or a tool list's result (whatever its value, `null` included; `toolResult` is the
+/// older protocol's). The answer to a request that is neither, but which has one, is judged as
+/// a tool's output all the same: `tasks/result` carries a task-augmented call's result, and a
+/// server that routes answers by id gives a call's answer to a later request with the same id.
 fn not_tool_shaped(result: &RawValue) -> bool {
     let members = serde_json::from_str::<HashMap<String, IgnoredAny>>(result.get());
     members.is_ok_and(|m| {
-        ["content", "structuredContent", "isError", "tools"]
-            .iter()
-            .all(|k| !m.contains_key(*k))
+        [
+            "content",
+            "structuredContent",
+            "isError",
+            "tools",
+            "toolResult",
+        ]
+        .iter()
+        .all(|k| !m.contains_key(*k))
     })
 }
 
@@ -537,13 +546,13 @@ fn inspect_reply(
                 // Not asked without policies (refused then), so not answered either.
                 None => Inspected::Drop,
             },
-            Some(Pending::Other) => Inspected::Keep,
+            Some(Pending::Other) if not_tool_shaped(result) => Inspected::Keep,
             // Asked on the stream the agent resumed: passes as it would have there, unless a
             // client could take it for a call's (whatever ids the agent reused, and when).
             None if not_tool_shaped(result) && tracker.take_resumed(&jsonrpc::id_key(id)) => {
                 Inspected::Keep
             }
-            None => match active {
+            Some(Pending::Other) | None => match active {
                 Some(active) => unmatched(tracker, active, msg, id, result),
                 // Nothing to judge it by: not shown (fail closed).
                 None => Inspected::Drop,

@@ -56,7 +56,7 @@ impl Unanswered {
         expire(&mut entries, now);
         for (id, other) in open {
             if entries.len() == MAX_ENTRIES {
-                entries.pop_front();
+                pop_oldest(&mut entries);
             }
             entries.push_back(Entry {
                 upstream: upstream.clone(),
@@ -118,7 +118,20 @@ fn expire(entries: &mut VecDeque<Entry>, now: Instant) {
         .front()
         .is_some_and(|e| now.duration_since(e.at) > KEPT_FOR)
     {
-        entries.pop_front();
+        pop_oldest(entries);
+    }
+}
+
+/// Drops the oldest entry; a poison takes the requests its id poisons with it, as they were
+/// kept later and would outlive it.
+fn pop_oldest(entries: &mut VecDeque<Entry>) {
+    let Some(gone) = entries.pop_front() else {
+        return;
+    };
+    if !gone.other {
+        entries.retain(|e| {
+            !(e.upstream == gone.upstream && e.session == gone.session && e.id == gone.id)
+        });
     }
 }
 
@@ -173,5 +186,19 @@ mod tests {
         // A call sent under a kept id takes it out.
         kept.forget("fs", &s, |id| id == "8");
         assert!(kept.resumable("fs", &s).is_empty());
+
+        // A poison evicted first takes what it poisons with it.
+        let kept = Unanswered::default();
+        kept.keep(&up, &s, vec![("7".into(), false)]);
+        kept.keep(&up, &s, other(&["7"]));
+        let filler: Vec<String> = (0..MAX_ENTRIES - 1).map(|i| format!("n{i}")).collect();
+        kept.keep(
+            &up,
+            &s,
+            other(&filler.iter().map(String::as_str).collect::<Vec<_>>()),
+        );
+        let ids = kept.resumable("fs", &s);
+        assert!(!ids.contains(&"7".to_owned()));
+        assert_eq!(ids.len(), MAX_ENTRIES - 1);
     }
 }
