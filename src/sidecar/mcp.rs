@@ -6,7 +6,7 @@
 //! The order for one POST: read (capped) → parse → judge each call → forward what is allowed
 //! (under the deadline) → inspect each answer → add the sidecar's own answers.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -414,24 +414,44 @@ struct ResultFlags {
     is_error: bool,
 }
 
-/// Whether `result` is an object without any member by which a client could take it for a tool
-/// call's or a tool list's result (whatever its value, `null` included; `toolResult` is the
-/// older protocol's). The answer to a request that is neither, but which has one, is judged as
-/// a tool's output all the same: `tasks/result` carries a task-augmented call's result, and a
-/// server that routes answers by id gives a call's answer to a later request with the same id.
+/// The members by which a client could take a result for a tool call's or a tool list's
+/// (`toolResult` is the older protocol's). Each is seen whatever its value, `null` included.
+#[derive(Deserialize)]
+struct ToolShaped {
+    #[serde(default)]
+    content: Seen,
+    #[serde(default, rename = "structuredContent")]
+    structured: Seen,
+    #[serde(default, rename = "isError")]
+    is_error: Seen,
+    #[serde(default)]
+    tools: Seen,
+    #[serde(default, rename = "toolResult")]
+    tool_result: Seen,
+}
+
+/// Whether a member was there.
+#[derive(Default)]
+struct Seen(bool);
+
+impl<'de> Deserialize<'de> for Seen {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Seen, D::Error> {
+        IgnoredAny::deserialize(d).map(|_| Seen(true))
+    }
+}
+
+/// Whether `result` is an object without any member of [`ToolShaped`]. The answer to a request
+/// that is neither a call nor a tool list, but which has one, is judged as a tool's output all
+/// the same: `tasks/result` carries a task-augmented call's result, and a server that routes
+/// answers by id gives a call's answer to a later request with the same id. One that cannot be
+/// read so (not an object, a member twice) is judged too.
 fn not_tool_shaped(result: &RawValue) -> bool {
-    let members = serde_json::from_str::<HashMap<String, IgnoredAny>>(result.get());
-    members.is_ok_and(|m| {
-        [
-            "content",
-            "structuredContent",
-            "isError",
-            "tools",
-            "toolResult",
-        ]
-        .iter()
-        .all(|k| !m.contains_key(*k))
-    })
+    // An object: serde would read `[]` as a struct of defaults too.
+    let object = result.get().trim_start().starts_with('{');
+    object
+        && serde_json::from_str::<ToolShaped>(result.get()).is_ok_and(|r| {
+            !(r.content.0 || r.structured.0 || r.is_error.0 || r.tools.0 || r.tool_result.0)
+        })
 }
 
 /// What becomes of one message from the server.
@@ -1117,6 +1137,8 @@ mod tests {
             r#"{"structuredContent":{}}"#,
             r#"{"isError":false,"contents":[]}"#,
             r#"{"tools":[]}"#,
+            r#"{"toolResult":1}"#,
+            r#"{"\u0063ontent":[]}"#,
             r#"[]"#,
             r#""text""#,
         ] {
