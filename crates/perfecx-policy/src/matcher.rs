@@ -32,9 +32,10 @@ pub(crate) struct Matcher {
     /// 0, and the two cases of an ASCII letter share one.
     column: [u32; 256],
     /// One row of `columns` entries per state, each entry the id of the next state: the offset
-    /// of its row, with [`MATCH`] set if the state ends a pattern. The length is a power of two
-    /// below [`MATCH`], so that masking an index keeps it in bounds without a check in the search
-    /// loop, and drops the flag at no cost.
+    /// of its row, with [`MATCH`] set if the state ends a pattern. The search steps only from
+    /// states without the flag (it stops at a match state and clears the flag before going on),
+    /// so that an index is a row offset plus a column, in bounds by construction: the step is an
+    /// add and a load, with nothing on that chain to mask or decode.
     next: Box<[u32]>,
     start: u32,
     columns: u32,
@@ -91,8 +92,8 @@ impl Matcher {
         }
         // Match states first, so that the id without its flag indexes `spans`.
         states.sort_by_key(|&sid| !dfa.is_match(sid));
-        let rows = states.len() * columns as usize;
-        if rows.next_power_of_two() > MATCH as usize {
+        let entries = states.len() * columns as usize;
+        if entries > MATCH as usize {
             return Err("too many automaton states".to_owned());
         }
         let id: HashMap<StateID, u32> = states
@@ -103,7 +104,7 @@ impl Matcher {
                 (sid, (i as u32 * columns) | flag)
             })
             .collect();
-        let mut next = vec![0u32; rows.next_power_of_two()].into_boxed_slice();
+        let mut next = vec![0u32; entries].into_boxed_slice();
         let mut spans = Vec::new();
         let mut ends = Vec::new();
         for (i, &sid) in states.iter().enumerate() {
@@ -119,7 +120,8 @@ impl Matcher {
         Ok(Matcher {
             column,
             next,
-            start: id[&start],
+            // No pattern is empty, so the start state is no match state: the flag is never set.
+            start: id[&start] & !MATCH,
             columns,
             spans,
             ends,
@@ -152,6 +154,7 @@ impl Matcher {
             // A lane reached a match state at byte `at - 1`.
             for k in 0..LANES {
                 self.report(states[k], begin[k] + at, floor[k], found);
+                states[k] &= !MATCH;
             }
         }
         for k in 0..LANES {
@@ -161,7 +164,7 @@ impl Matcher {
 
     /// Steps every lane from byte `at` until one of them reaches a match state or the lanes end;
     /// returns where it stopped (just past the last byte stepped) and the states. No call in the
-    /// loop, so that the states stay in registers.
+    /// loop, so that the states stay in registers. The states given must not be flagged.
     #[inline(never)]
     fn lanes(
         &self,
@@ -171,8 +174,8 @@ impl Matcher {
     ) -> (usize, [u32; LANES]) {
         let n = l0.len().min(l1.len()).min(l2.len()).min(l3.len());
         let (l0, l1, l2, l3) = (&l0[..n], &l1[..n], &l2[..n], &l3[..n]);
-        let (next, mask, column) = (&*self.next, self.next.len() - 1, &self.column);
-        let step = |s: u32, b: u8| next[(s + column[usize::from(b)]) as usize & mask];
+        let (next, column) = (&*self.next, &self.column);
+        let step = |s: u32, b: u8| next[(s + column[usize::from(b)]) as usize];
         while at < n {
             s0 = step(s0, l0[at]);
             s1 = step(s1, l1[at]);
@@ -192,7 +195,7 @@ impl Matcher {
         self.lens.get(pattern).map_or(0, |&l| l as usize)
     }
 
-    /// One lane on its own, from `state` at `at` to `end`.
+    /// One lane on its own, from `state` (not flagged) at `at` to `end`.
     fn finish(
         &self,
         hay: &[u8],
@@ -202,11 +205,12 @@ impl Matcher {
         mut state: u32,
         found: &mut impl FnMut(usize, usize),
     ) {
-        let (next, mask, column) = (&*self.next, self.next.len() - 1, &self.column);
+        let (next, column) = (&*self.next, &self.column);
         for (i, &b) in hay[at..end].iter().enumerate() {
-            state = next[(state + column[usize::from(b)]) as usize & mask];
+            state = next[(state + column[usize::from(b)]) as usize];
             if state & MATCH != 0 {
                 self.report(state, at + i + 1, floor, found);
+                state &= !MATCH;
             }
         }
     }
