@@ -28,6 +28,12 @@ async fn tool_server() -> (String, CancellationToken) {
             )
             .route("/api/", get(|| async { "index" }))
             .route("/api/huge", get(|| async { "y".repeat(8192) }))
+            // Labelled compressed although nobody asked: the agent would decode what the
+            // sidecar never read (these bytes pass for deflate data written in ASCII).
+            .route(
+                "/api/zipped",
+                get(|| async { ([("content-encoding", "deflate")], "x1Y2z3w4") }),
+            )
             .route(
                 "/api/empty",
                 get(|| async { ([("content-type", "application/json")], "") }),
@@ -306,6 +312,62 @@ async fn a_permissive_deadline_reports_instead_of_cutting() {
             r#"perfecx_policy_violations_total{policy="watch",rule="execution_limit"}"#
         ),
         Some(1.0),
+        "{m}"
+    );
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_bodies_are_refused_both_ways() {
+    let (sidecar, ct) = web_sidecar("").await;
+    let client = reqwest::Client::new();
+    let post = |coding: &'static str| {
+        client
+            .post(sidecar.url("/tools/web/search"))
+            .header("content-type", "application/json")
+            .header("content-encoding", coding)
+            .body(r#"{"q":"rust"}"#)
+            .send()
+    };
+
+    // A compressed request cannot be judged: 415, and which coding is accepted.
+    let res = post("gzip").await.unwrap();
+    assert_eq!(res.status(), 415);
+    assert_eq!(res.headers()["accept-encoding"], "identity");
+    let err: Value = res.json().await.unwrap();
+    assert_eq!(err["error"]["code"], "unsupported_encoding", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("Content-Encoding: gzip"),
+        "{err}"
+    );
+    // `identity` is no coding at all.
+    let res = post("identity").await.unwrap();
+    assert_eq!(res.status(), 200);
+
+    // A compressed answer cannot be inspected: the tool failed, the bytes stay out.
+    let (status, body) = send(
+        reqwest::Method::GET,
+        &sidecar.url("/tools/web/zipped"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 502, "{body}");
+    assert!(!body.contains("x1Y2z3w4"), "{body}");
+    let err: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(err["error"]["code"], "upstream_failed", "{err}");
+    assert!(body.contains("Content-Encoding: deflate"), "{body}");
+
+    let m = sidecar.metrics().await;
+    assert!(
+        metric(
+            &m,
+            r#"perfecx_tool_call_errors_total{tool="web",upstream="web"}"#
+        )
+        .is_some(),
         "{m}"
     );
     sidecar.stop().await;

@@ -88,6 +88,17 @@ async fn upstream() -> (String, Seen, CancellationToken) {
             }),
         )
         .route(
+            "/zipped",
+            post(|body: String| async move {
+                // A right answer, but labelled compressed: the agent would decode it.
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .header("content-encoding", "br")
+                    .body(Body::from(answer(&body).unwrap_or_default()))
+                    .unwrap()
+            }),
+        )
+        .route(
             "/garbage",
             post(|| async {
                 Response::builder()
@@ -706,7 +717,7 @@ async fn broken_upstreams_give_clear_errors_not_hangs() {
             ),
         ],
         &format!(
-            "  - name: down\n    mcp_url: http://{closed}/mcp\n  - name: garbage\n    mcp_url: {url}/garbage\n  - name: midstream\n    mcp_url: {url}/midstream\n  - name: hang\n    mcp_url: {url}/hang\n"
+            "  - name: down\n    mcp_url: http://{closed}/mcp\n  - name: garbage\n    mcp_url: {url}/garbage\n  - name: midstream\n    mcp_url: {url}/midstream\n  - name: hang\n    mcp_url: {url}/hang\n  - name: zipped\n    mcp_url: {url}/zipped\n"
         ),
         "",
     )
@@ -737,6 +748,28 @@ async fn broken_upstreams_give_clear_errors_not_hangs() {
 
     let (_, _, body) = post_json(&sidecar.mcp_url("hang"), add.clone()).await;
     assert!(body.contains("within 1000 ms"), "{body}");
+
+    // An answer labelled compressed cannot be inspected, so it is not passed on.
+    let (status, _, body) = post_json(&sidecar.mcp_url("zipped"), add.clone()).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], -32603, "{body}");
+    assert!(body.contains("Content-Encoding: br"), "{body}");
+
+    // A compressed request cannot be judged: refused before anything is sent.
+    let res = reqwest::Client::new()
+        .post(sidecar.mcp_url("garbage"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("content-encoding", "gzip")
+        .body(add.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 415);
+    assert_eq!(res.headers()["accept-encoding"], "identity");
+    let v: Value = res.json().await.unwrap();
+    assert_eq!(v["error"]["code"], -32600, "{v}");
 
     // Not a tool call: a dead upstream is a 502 with a JSON error.
     let note = json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string();

@@ -25,6 +25,13 @@ pub struct Unjudgeable {
     pub reason: String,
 }
 
+/// The agent's request body is compressed (`Content-Encoding`): the sidecar cannot judge it,
+/// and the tool would decode what was never judged.
+#[derive(Debug, Clone)]
+pub struct Compressed {
+    pub coding: String,
+}
+
 /// The agent did not send its request body in time.
 #[derive(Debug, Clone)]
 pub struct SlowClient {
@@ -67,6 +74,7 @@ pub enum Refusal {
     FailClosed(FailClosed),
     Unjudgeable(Unjudgeable),
     SlowClient(SlowClient),
+    Compressed(Compressed),
     Deadline(DeadlineExceeded),
     TooLarge(TooLarge),
     Upstream(UpstreamFailed),
@@ -96,6 +104,11 @@ impl fmt::Display for Refusal {
                 f,
                 "Refused by the perfecx sidecar: the request body did not arrive within {:?}",
                 p.waited
+            ),
+            Refusal::Compressed(p) => write!(
+                f,
+                "Refused by the perfecx sidecar: the request body is compressed (Content-Encoding: {}); send it uncompressed, as the sidecar judges only what it can read",
+                p.coding
             ),
             Refusal::Deadline(p) => write!(
                 f,
@@ -134,6 +147,12 @@ impl From<Unjudgeable> for Refusal {
         Refusal::Unjudgeable(v)
     }
 }
+impl From<Compressed> for Refusal {
+    fn from(v: Compressed) -> Self {
+        Refusal::Compressed(v)
+    }
+}
+
 impl From<SlowClient> for Refusal {
     fn from(v: SlowClient) -> Self {
         Refusal::SlowClient(v)

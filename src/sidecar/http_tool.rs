@@ -24,7 +24,8 @@ use super::policy_check::{CallVerdict, check_call};
 use super::pool::ExchangeError;
 use super::rescue;
 use super::upstream::{
-    ReadError, Transport, Upstream, media_type_is, outgoing_headers, read_limited, strip_hop_by_hop,
+    ReadError, Transport, Upstream, media_type_is, outgoing_headers, read_limited,
+    refuse_compressed, refuse_compressed_request, strip_hop_by_hop,
 };
 
 /// Answers a call of the plain HTTP tool `up`.
@@ -46,6 +47,11 @@ where
     };
     let cap = shared.body_cap(Some(&active));
     let (parts, body) = req.into_parts();
+    if let Err(compressed) = refuse_compressed_request(&parts.headers) {
+        let refusal = Refusal::from(compressed);
+        tracker.refused(tool, &refusal, span);
+        return rescue::http_error(&refusal);
+    }
     let bytes = read_body(&parts.headers, body, cap, CLIENT_BODY_TIMEOUT).await;
     // A call that cannot be read is refused, logged and counted like any other.
     let bytes = match bytes {
@@ -107,6 +113,7 @@ where
         match pool.exchange(request, cap).await {
             Ok((mut parts, b)) => {
                 strip_hop_by_hop(&mut parts.headers);
+                refuse_compressed(tool, &parts.headers)?;
                 Ok((parts, b))
             }
             Err(ExchangeError::Send(reason)) => Err(Refusal::from(UpstreamFailed {

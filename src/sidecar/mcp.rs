@@ -35,12 +35,18 @@ use super::policies::Active;
 use super::policy_check::{CallVerdict, check_call, filter_tools};
 use super::rescue;
 use super::sse;
-use super::upstream::{ReadError, Transport, Upstream, media_type_is, read_limited, send_http};
+use super::upstream::{
+    ReadError, Transport, Upstream, media_type_is, read_limited, refuse_compressed_request,
+    send_http,
+};
 
 /// How long a client may take to send its request body.
 pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn handle(shared: Arc<Shared>, up: Arc<Upstream>, req: Request<Body>) -> Response<Body> {
+    if let Err(compressed) = refuse_compressed_request(req.headers()) {
+        return rescue::rpc_http_error(&compressed.into());
+    }
     match *req.method() {
         Method::POST => post(&shared, &up, req).await,
         Method::GET | Method::DELETE => other(&shared, &up, req).await,

@@ -25,7 +25,9 @@ pub fn tool_call_answer(id: &str, refusal: &Refusal) -> String {
 pub fn request_error(id: Option<&str>, refusal: &Refusal) -> String {
     let code = match refusal {
         Refusal::Unjudgeable(_) => jsonrpc::INVALID_PARAMS,
-        Refusal::SlowClient(_) | Refusal::ForeignHost(_) => jsonrpc::INVALID_REQUEST,
+        Refusal::SlowClient(_) | Refusal::Compressed(_) | Refusal::ForeignHost(_) => {
+            jsonrpc::INVALID_REQUEST
+        }
         _ => jsonrpc::INTERNAL_ERROR,
     };
     jsonrpc::error_message(id, code, &refusal.to_string())
@@ -39,6 +41,7 @@ pub fn status(refusal: &Refusal) -> StatusCode {
         Refusal::FailClosed(_) => StatusCode::SERVICE_UNAVAILABLE,
         Refusal::Unjudgeable(_) => StatusCode::BAD_REQUEST,
         Refusal::SlowClient(_) => StatusCode::REQUEST_TIMEOUT,
+        Refusal::Compressed(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Refusal::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
         Refusal::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         Refusal::Upstream(_) => StatusCode::BAD_GATEWAY,
@@ -53,6 +56,7 @@ fn code(refusal: &Refusal) -> &'static str {
         Refusal::FailClosed(_) => "no_policy",
         Refusal::Unjudgeable(_) => "bad_request",
         Refusal::SlowClient(_) => "request_timeout",
+        Refusal::Compressed(_) => "unsupported_encoding",
         Refusal::Deadline(_) => "deadline_exceeded",
         Refusal::TooLarge(_) => "payload_too_large",
         Refusal::Upstream(_) => "upstream_failed",
@@ -67,10 +71,33 @@ pub fn http_error(refusal: &Refusal) -> Response<Body> {
         error["policy"] = Value::String(p.policy.clone());
         error["rule"] = Value::String(p.rule.to_owned());
     }
-    json_response(
-        status(refusal),
-        serde_json::json!({ "error": error }).to_string(),
+    with_headers(
+        refusal,
+        json_response(
+            status(refusal),
+            serde_json::json!({ "error": error }).to_string(),
+        ),
     )
+}
+
+/// A whole MCP request refused: a JSON-RPC error without an id, with the refusal's status.
+pub fn rpc_http_error(refusal: &Refusal) -> Response<Body> {
+    with_headers(
+        refusal,
+        json_response(status(refusal), request_error(None, refusal)),
+    )
+}
+
+/// The headers a refusal's status calls for: what content codings are accepted, for a 415
+/// (RFC 9110, 15.5.16).
+fn with_headers(refusal: &Refusal, mut res: Response<Body>) -> Response<Body> {
+    if let Refusal::Compressed(_) = refusal {
+        res.headers_mut().insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
+    res
 }
 
 /// A JSON-RPC message (or batch) as an HTTP response.

@@ -13,7 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use super::denial::{TooLarge, UpstreamFailed};
+use super::denial::{Compressed, TooLarge, UpstreamFailed};
 use super::pool::Pool;
 use super::stdio::StdioServer;
 
@@ -152,6 +152,7 @@ pub async fn send_http(
     })?;
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    refuse_compressed(&upstream.name, &parts.headers)?;
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
@@ -229,6 +230,43 @@ fn read_error(
 }
 
 /// Whether a response's media type is `ty` (parameters ignored).
+/// The content coding of a message whose body is not sent as it is: a `Content-Encoding` other
+/// than `identity`. The sidecar judges only bodies it can read, and asks tools for uncompressed
+/// answers, so such a body is refused, never passed on unread: the other end would decode
+/// what was never inspected.
+pub fn content_coding(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()))
+        .find(|v| {
+            v.split(',')
+                .any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
+        })
+        .map(|v| v.trim().to_owned())
+}
+
+/// Refuses an agent's request whose body is compressed.
+pub fn refuse_compressed_request(headers: &HeaderMap) -> Result<(), Compressed> {
+    match content_coding(headers) {
+        Some(coding) => Err(Compressed { coding }),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a tool's answer that comes compressed although the sidecar asked for none.
+pub fn refuse_compressed(upstream: &str, headers: &HeaderMap) -> Result<(), UpstreamFailed> {
+    match content_coding(headers) {
+        Some(coding) => Err(UpstreamFailed {
+            upstream: upstream.to_owned(),
+            reason: format!(
+                "it answered compressed (Content-Encoding: {coding}) although the sidecar asked for no compression, and a compressed answer cannot be inspected"
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 pub fn media_type_is(headers: &HeaderMap, ty: &str) -> bool {
     // On bytes: a visible-ASCII value has no other whitespace to trim than spaces and tabs.
     headers
@@ -244,6 +282,24 @@ pub fn media_type_is(headers: &HeaderMap, ty: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_identity_is_no_content_coding() {
+        let coding = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::CONTENT_ENCODING, HeaderValue::from_str(v).unwrap());
+            }
+            content_coding(&h)
+        };
+        assert_eq!(coding(&[]), None);
+        assert_eq!(coding(&["identity"]), None);
+        assert_eq!(coding(&[" IDENTITY "]), None);
+        assert_eq!(coding(&[""]), None);
+        assert_eq!(coding(&["gzip"]).as_deref(), Some("gzip"));
+        assert_eq!(coding(&["identity, br"]).as_deref(), Some("identity, br"));
+        assert_eq!(coding(&["identity", "deflate"]).as_deref(), Some("deflate"));
+    }
 
     #[test]
     fn host_is_what_the_client_would_send() {
