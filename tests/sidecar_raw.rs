@@ -99,6 +99,16 @@ async fn upstream() -> (String, Seen, CancellationToken) {
             }),
         )
         .route(
+            "/zipped-gone",
+            post(|| async {
+                Response::builder()
+                    .status(StatusCode::NOT_FOUND)
+                    .header("content-encoding", "gzip")
+                    .body(Body::from("session gone"))
+                    .unwrap()
+            }),
+        )
+        .route(
             "/garbage",
             post(|| async {
                 Response::builder()
@@ -442,10 +452,9 @@ async fn in_a_batch_only_the_blocked_call_is_answered_by_the_sidecar() {
     assert!(forwarded.contains("notifications/initialized"));
     assert_eq!(headers["mcp-session-id"], "session-1");
     assert_eq!(headers["mcp-protocol-version"], "2025-06-18");
-    assert!(
-        headers.get("accept-encoding").is_none(),
-        "answers must come uncompressed"
-    );
+    // Answers must come uncompressed: asked for in so many words, as a request without the
+    // header accepts any coding.
+    assert_eq!(headers["accept-encoding"], "identity");
     sidecar.stop().await;
     ct.cancel();
 }
@@ -717,7 +726,7 @@ async fn broken_upstreams_give_clear_errors_not_hangs() {
             ),
         ],
         &format!(
-            "  - name: down\n    mcp_url: http://{closed}/mcp\n  - name: garbage\n    mcp_url: {url}/garbage\n  - name: midstream\n    mcp_url: {url}/midstream\n  - name: hang\n    mcp_url: {url}/hang\n  - name: zipped\n    mcp_url: {url}/zipped\n"
+            "  - name: down\n    mcp_url: http://{closed}/mcp\n  - name: garbage\n    mcp_url: {url}/garbage\n  - name: midstream\n    mcp_url: {url}/midstream\n  - name: hang\n    mcp_url: {url}/hang\n  - name: zipped\n    mcp_url: {url}/zipped\n  - name: zipped-gone\n    mcp_url: {url}/zipped-gone\n"
         ),
         "",
     )
@@ -755,6 +764,19 @@ async fn broken_upstreams_give_clear_errors_not_hangs() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["code"], -32603, "{body}");
     assert!(body.contains("Content-Encoding: br"), "{body}");
+    // An HTTP error keeps its status, so that the client still sees a session gone; its
+    // compressed body is left out.
+    let res = reqwest::Client::new()
+        .post(sidecar.mcp_url("zipped-gone"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(add.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 404);
+    assert!(res.headers().get("content-encoding").is_none());
+    assert_eq!(res.text().await.unwrap(), "");
 
     // A compressed request cannot be judged: refused before anything is sent.
     let res = reqwest::Client::new()

@@ -113,7 +113,7 @@ where
         match pool.exchange(request, cap).await {
             Ok((mut parts, b)) => {
                 strip_hop_by_hop(&mut parts.headers);
-                refuse_compressed(tool, &parts.headers)?;
+                refuse_compressed(tool, &parts.headers, !b.is_empty())?;
                 Ok((parts, b))
             }
             Err(ExchangeError::Send(reason)) => Err(Refusal::from(UpstreamFailed {

@@ -36,20 +36,27 @@ use super::policy_check::{CallVerdict, check_call, filter_tools};
 use super::rescue;
 use super::sse;
 use super::upstream::{
-    ReadError, Transport, Upstream, media_type_is, read_limited, refuse_compressed_request,
-    send_http,
+    ReadError, Transport, Upstream, content_coding, media_type_is, read_limited,
+    refuse_compressed_request, send_http,
 };
 
 /// How long a client may take to send its request body.
 pub const CLIENT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn handle(shared: Arc<Shared>, up: Arc<Upstream>, req: Request<Body>) -> Response<Body> {
-    if let Err(compressed) = refuse_compressed_request(req.headers()) {
-        return rescue::rpc_http_error(&compressed.into());
-    }
     match *req.method() {
-        Method::POST => post(&shared, &up, req).await,
-        Method::GET | Method::DELETE => other(&shared, &up, req).await,
+        Method::POST | Method::GET | Method::DELETE => {
+            if let Err(compressed) = refuse_compressed_request(req.headers()) {
+                let refusal = Refusal::from(compressed);
+                tracing::warn!(upstream = %up.name, error = %refusal, "request refused");
+                return rescue::rpc_http_error(&refusal);
+            }
+            if req.method() == Method::POST {
+                post(&shared, &up, req).await
+            } else {
+                other(&shared, &up, req).await
+            }
+        }
         _ => {
             let mut res = rescue::json_response(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -691,8 +698,14 @@ async fn judged_http(
     }
     let (mut parts, body) = res.into_parts();
     parts.headers.remove(header::CONTENT_LENGTH);
+    // A compressed body cannot be judged: left out like any other that cannot be.
+    let compressed = content_coding(&parts.headers).is_some();
+    parts.headers.remove(header::CONTENT_ENCODING);
     let bytes = read_limited(body, cap, "tool server's response").await.ok();
-    let text = bytes.as_deref().and_then(|b| std::str::from_utf8(b).ok());
+    let text = bytes
+        .as_deref()
+        .filter(|_| !compressed)
+        .and_then(|b| std::str::from_utf8(b).ok());
     let body = match (text, active) {
         (Some(text), Some(active)) if !text.is_empty() => {
             match check_output(active, tracker, "", Content::Text(text)) {

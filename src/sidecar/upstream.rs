@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::body::Body;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -125,8 +125,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// The agent's request headers made fit to forward to `upstream`.
 pub fn outgoing_headers(upstream: &Upstream, headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
-    // Answers are inspected, so they must come uncompressed.
-    headers.remove(header::ACCEPT_ENCODING);
+    // Answers are inspected, so they must come uncompressed: without the header a server may
+    // pick any coding (RFC 9110, 12.5.3).
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
     if let Some(host) = &upstream.host {
         headers.insert(header::HOST, host.clone());
     }
@@ -152,7 +156,11 @@ pub async fn send_http(
     })?;
     let (mut parts, body) = res.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    refuse_compressed(&upstream.name, &parts.headers)?;
+    // An error's body is judged as text or left out (`mcp::judged_http`), so the agent still
+    // sees its status (a session gone, credentials asked for).
+    let has_body = parts.status.is_success()
+        && !matches!(parts.status, StatusCode::ACCEPTED | StatusCode::NO_CONTENT);
+    refuse_compressed(&upstream.name, &parts.headers, has_body)?;
     Ok(Response::from_parts(parts, Body::new(body)))
 }
 
@@ -229,7 +237,6 @@ fn read_error(
     ReadError::Failed(e.to_string())
 }
 
-/// Whether a response's media type is `ty` (parameters ignored).
 /// The content coding of a message whose body is not sent as it is: a `Content-Encoding` other
 /// than `identity`. The sidecar judges only bodies it can read, and asks tools for uncompressed
 /// answers, so such a body is refused, never passed on unread: the other end would decode
@@ -238,12 +245,10 @@ pub fn content_coding(headers: &HeaderMap) -> Option<String> {
     headers
         .get_all(header::CONTENT_ENCODING)
         .iter()
-        .map(|v| String::from_utf8_lossy(v.as_bytes()))
-        .find(|v| {
-            v.split(',')
-                .any(|c| !c.trim().is_empty() && !c.trim().eq_ignore_ascii_case("identity"))
-        })
-        .map(|v| v.trim().to_owned())
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| c.trim_ascii())
+        .find(|c| !c.is_empty() && !c.eq_ignore_ascii_case(b"identity"))
+        .map(|c| String::from_utf8_lossy(c).into_owned())
 }
 
 /// Refuses an agent's request whose body is compressed.
@@ -255,8 +260,14 @@ pub fn refuse_compressed_request(headers: &HeaderMap) -> Result<(), Compressed> 
 }
 
 /// Refuses a tool's answer that comes compressed although the sidecar asked for none.
-pub fn refuse_compressed(upstream: &str, headers: &HeaderMap) -> Result<(), UpstreamFailed> {
-    match content_coding(headers) {
+/// `has_body`: whether it carries a body at all; one without (a 204, the answer to a HEAD) has
+/// nothing to hide.
+pub fn refuse_compressed(
+    upstream: &str,
+    headers: &HeaderMap,
+    has_body: bool,
+) -> Result<(), UpstreamFailed> {
+    match content_coding(headers).filter(|_| has_body) {
         Some(coding) => Err(UpstreamFailed {
             upstream: upstream.to_owned(),
             reason: format!(
@@ -267,6 +278,7 @@ pub fn refuse_compressed(upstream: &str, headers: &HeaderMap) -> Result<(), Upst
     }
 }
 
+/// Whether a response's media type is `ty` (parameters ignored).
 pub fn media_type_is(headers: &HeaderMap, ty: &str) -> bool {
     // On bytes: a visible-ASCII value has no other whitespace to trim than spaces and tabs.
     headers
@@ -297,7 +309,11 @@ mod tests {
         assert_eq!(coding(&[" IDENTITY "]), None);
         assert_eq!(coding(&[""]), None);
         assert_eq!(coding(&["gzip"]).as_deref(), Some("gzip"));
-        assert_eq!(coding(&["identity, br"]).as_deref(), Some("identity, br"));
+        assert_eq!(coding(&["identity, br"]).as_deref(), Some("br"));
+        assert_eq!(
+            coding(&["identity\u{a0}"]).as_deref(),
+            Some("identity\u{a0}")
+        );
         assert_eq!(coding(&["identity", "deflate"]).as_deref(), Some("deflate"));
     }
 
