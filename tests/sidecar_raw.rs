@@ -829,6 +829,15 @@ async fn messages_a_tool_might_read_differently_are_refused() {
     assert_eq!(status, 202);
     assert!(seen.lock().unwrap().is_empty(), "nothing reached the tool");
 
+    // A null id: a request to some servers, whose answer (`"id": null`) no call is matched to.
+    let null_id = r#"{"jsonrpc":"2.0","id":null,"method":"tools/list"}"#;
+    let (status, _, body) = post_json(&sidecar.mcp_url("rpc"), null_id).await;
+    assert_eq!(status, 200);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert!(v["error"]["code"].is_i64(), "{body}");
+    assert!(body.contains("string or a number"), "{body}");
+    assert!(seen.lock().unwrap().is_empty(), "nothing reached the tool");
+
     // An answer with two `result` keys is not shown; the call still gets an answer.
     let (_, _, body) = post_json(
         &sidecar.mcp_url("dup"),

@@ -90,7 +90,9 @@ pub fn parse_body(bytes: &[u8]) -> Result<Body<'_>, Malformed> {
 struct Envelope<'a> {
     #[serde(default)]
     jsonrpc: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
+    /// `Some` whenever the member is there, `null` included: a request with a null id is still
+    /// a request to some servers, and must not pass for a notification.
+    #[serde(borrow, default, deserialize_with = "present")]
     id: Option<&'a RawValue>,
     #[serde(default)]
     method: Option<std::borrow::Cow<'a, str>>,
@@ -100,6 +102,10 @@ struct Envelope<'a> {
     result: Option<&'a RawValue>,
     #[serde(borrow, default)]
     error: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -177,6 +183,16 @@ fn classify_text<'a>(message: &'a str, envelope: Option<&Envelope<'a>>) -> Reque
         }
         return Request::Other;
     };
+    // MCP ids are strings or numbers. Any other would be matched to its answer by rules of
+    // each client's own, and a null one makes a request look like a notification.
+    if !matches!(id.get().as_bytes().first(), Some(b'"' | b'-' | b'0'..=b'9')) {
+        return Request::Invalid {
+            reason: format!(
+                "the id of a request must be a string or a number, not `{}`",
+                id.get()
+            ),
+        };
+    }
     match method {
         "tools/call" => {
             let params = env.params.map(RawValue::get).unwrap_or("null");
@@ -238,6 +254,8 @@ fn reply<'a>(env: &Envelope<'a>) -> Reply<'a> {
     let answer = env.jsonrpc.as_deref() == Some("2.0");
     match (env.id, env.method.as_ref(), env.result, env.error) {
         (Some(_), None, Some(_), _) | (Some(_), None, None, Some(_)) if !answer => Reply::Invalid,
+        // Both: clients differ on which one they read, and only one would be judged.
+        (_, None, Some(_), Some(_)) => Reply::Invalid,
         (Some(id), None, Some(result), _) => Reply::Result { id, result },
         (Some(id), None, None, Some(error)) => Reply::Error { id, error },
         _ => Reply::Other,
@@ -371,6 +389,30 @@ mod tests {
         ));
         let number = RawValue::from_string("42".into()).unwrap();
         assert!(matches!(classify(&number), Request::Invalid { .. }));
+        // A null id makes a request look like a notification to some, like a request to others.
+        for id in ["null", "true", "{}", "[1]"] {
+            let odd = RawValue::from_string(format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/list"}}"#
+            ))
+            .unwrap();
+            assert!(matches!(classify(&odd), Request::Invalid { .. }), "{id}");
+        }
+        for id in ["7", "-1", "\"x\"", "1.5"] {
+            let fine = RawValue::from_string(format!(
+                r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/list"}}"#
+            ))
+            .unwrap();
+            assert!(matches!(classify(&fine), Request::ToolsList { .. }), "{id}");
+        }
+        // An answer with a null id is an answer all the same (judged as one nobody asked for).
+        assert!(matches!(
+            classify_reply(r#"{"jsonrpc":"2.0","id":null,"result":{"tools":[]}}"#),
+            Reply::Result { .. }
+        ));
+        assert!(matches!(
+            classify_reply(r#"{"jsonrpc":"2.0","id":1,"result":{},"error":{"code":1}}"#),
+            Reply::Invalid
+        ));
         assert!(matches!(
             classify_reply(r#"{"jsonrpc":"2.0","id":1,"result":{},"result":{"x":1}}"#),
             Reply::Invalid

@@ -594,7 +594,13 @@ fn inspect_reply(
         Reply::Error { id, error } => {
             let judged = match active {
                 Some(active) => judge_error(tracker, active, msg, id, error),
-                None => Inspected::Keep,
+                // Nothing to judge its text by: answered with why (fail closed).
+                None => Inspected::Replace(rescue::request_error(
+                    Some(&jsonrpc::id_key(id)),
+                    &Refusal::from(FailClosed {
+                        reason: "no valid policy set is loaded, so the tool server's error cannot be checked".into(),
+                    }),
+                )),
             };
             if let Some(Pending::Call(call)) = tracker.take(&jsonrpc::id_key(id)) {
                 let decision = if call.redacted { "redacted" } else { "allowed" };
