@@ -27,6 +27,21 @@ async fn tool_server() -> (String, CancellationToken) {
                 get(|| async { axum::Json(json!({"key": "AKIAIOSFODNN7EXAMPLE", "ok": true})) }),
             )
             .route("/api/", get(|| async { "index" }))
+            // JSON under another label: the agent may parse it all the same.
+            .route(
+                "/api/plain-json",
+                get(|| async { r#"{"key":"\u0041KIAIOSFODNN7EXAMPLE"}"# }),
+            )
+            .route(
+                "/api/moved",
+                get(|| async {
+                    (
+                        axum::http::StatusCode::TEMPORARY_REDIRECT,
+                        [("location", "http://127.0.0.1:1/elsewhere")],
+                        "moved",
+                    )
+                }),
+            )
             .route("/api/huge", get(|| async { "y".repeat(8192) }))
             // Labelled compressed although nobody asked: the agent would decode what the
             // sidecar never read (these bytes pass for deflate data written in ASCII).
@@ -370,6 +385,93 @@ async fn compressed_bodies_are_refused_both_ways() {
         .is_some(),
         "{m}"
     );
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paths_that_could_leave_the_tool_are_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (sidecar, ct) = web_sidecar("").await;
+    // Dot segments, as clients that do not resolve them send them.
+    let base = sidecar.url("");
+    let addr = base.trim_start_matches("http://").trim_end_matches('/');
+    for path in [
+        "/tools/web/../shell/run",
+        "/tools/web/%2e%2e/shell",
+        "/tools/web/a%2f..%2fx",
+    ] {
+        let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+        conn.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        conn.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{path}: {answer}");
+        assert!(answer.contains("segment"), "{path}: {answer}");
+    }
+
+    // A redirect would take the agent past the sidecar.
+    let res = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(sidecar.url("/tools/web/moved"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 502);
+    assert!(res.headers().get("location").is_none());
+    let body = res.text().await.unwrap();
+    assert!(body.contains("redirected (307"), "{body}");
+    sidecar.stop().await;
+    ct.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_under_another_label_is_judged_as_json() {
+    let (sidecar, ct) = web_sidecar("").await;
+    let client = reqwest::Client::new();
+    let post = |body: String, label: Option<&'static str>| {
+        let mut req = client.post(sidecar.url("/tools/web/search")).body(body);
+        if let Some(label) = label {
+            req = req.header("content-type", label);
+        }
+        async move {
+            let res = req.send().await.unwrap();
+            (res.status().as_u16(), res.text().await.unwrap())
+        }
+    };
+    // Escapes a text search would not see through, at any depth.
+    let deep = format!("{}\"r\\u006d -rf /\"{}", "[".repeat(500), "]".repeat(500));
+    for (body, label) in [
+        (
+            r#"{"sql":"DROP\u0020TABLE users"}"#.to_owned(),
+            Some("text/plain"),
+        ),
+        (r#"{"sql":"DROP\u0020TABLE users"}"#.to_owned(), None),
+        (
+            r#"["r\u006d -rf /"]"#.to_owned(),
+            Some("application/problem+json"),
+        ),
+        (deep, None),
+    ] {
+        let (status, answer) = post(body.clone(), label).await;
+        assert_eq!(status, 403, "{body:.80} as {label:?}: {answer}");
+    }
+    // Text that only looks like JSON at first is judged as text.
+    let (status, answer) = post("{name} says hi".into(), Some("text/plain")).await;
+    assert_eq!(status, 200, "{answer}");
+
+    // The output too: a key written with an escape is still found and redacted.
+    let (status, body) = send(
+        reqwest::Method::GET,
+        &sidecar.url("/tools/web/plain-json"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("[REDACTED:aws_access_key]"), "{body}");
     sidecar.stop().await;
     ct.cancel();
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, Uri};
+use http::{HeaderMap, Request, Response, StatusCode, Uri};
 use perfecx_policy::{Content, Enforcement, Limit};
 
 use super::Shared;
@@ -24,7 +24,7 @@ use super::policy_check::{CallVerdict, check_call};
 use super::pool::ExchangeError;
 use super::rescue;
 use super::upstream::{
-    ReadError, Transport, Upstream, media_type_is, outgoing_headers, read_limited,
+    ReadError, Transport, Upstream, media_type_is, outgoing_headers, read_limited, reads_as_json,
     refuse_compressed, refuse_compressed_request, strip_hop_by_hop,
 };
 
@@ -64,6 +64,14 @@ where
 
     // Judge the body, then the path and query: all of them carry arguments.
     let rest = super::raw_rest(parts.uri.path());
+    if has_dot_segment(rest) {
+        let refusal = Refusal::from(Unjudgeable {
+            reason: "the path has a `.` or `..` segment, by which it could reach past the tool"
+                .into(),
+        });
+        tracker.refused(tool, &refusal, span);
+        return rescue::http_error(&refusal);
+    }
     let query = parts.uri.query();
     let judged =
         span.in_scope(|| judge(&tracker, &active, tool, &parts.headers, bytes, rest, query));
@@ -165,26 +173,40 @@ where
     let error = parts.status.is_client_error() || parts.status.is_server_error();
     let decided = if redacted { "redacted" } else { "allowed" };
 
-    // Inspect the output.
-    let Ok(text) = std::str::from_utf8(&bytes) else {
-        let refusal = Refusal::from(UpstreamFailed {
-            upstream: tool.to_owned(),
-            reason: "its response is not UTF-8 text, so it cannot be inspected".into(),
-        });
-        let output = tracker.capture(None, &refusal.to_string(), false, Checked::Yes);
-        tracker.finish(
-            call,
-            Finish {
-                decision: decided,
-                error: true,
-                output,
-            },
-        );
-        return rescue::http_error(&refusal);
+    // Inspect the output. A redirect is not passed on: the agent would follow it past the
+    // sidecar (a 304 names nothing to follow).
+    let text = if parts.status.is_redirection() && parts.status != StatusCode::NOT_MODIFIED {
+        Err(format!(
+            "it redirected ({}), which the sidecar does not follow",
+            parts.status
+        ))
+    } else {
+        std::str::from_utf8(&bytes)
+            .map_err(|_| "its response is not UTF-8 text, so it cannot be inspected".to_owned())
+    };
+    let text = match text {
+        Ok(text) => text,
+        Err(reason) => {
+            let refusal = Refusal::from(UpstreamFailed {
+                upstream: tool.to_owned(),
+                reason,
+            });
+            let output = tracker.capture(None, &refusal.to_string(), false, Checked::Yes);
+            tracker.finish(
+                call,
+                Finish {
+                    decision: decided,
+                    error: true,
+                    output,
+                },
+            );
+            return rescue::http_error(&refusal);
+        }
     };
     // An empty output (a HEAD, a 204) has nothing to judge: as text, not as JSON that
     // cannot be parsed.
-    let json = media_type_is(&parts.headers, "application/json") && !text.trim().is_empty();
+    let json = !text.trim().is_empty()
+        && (media_type_is(&parts.headers, "application/json") || reads_as_json(text));
     let content = if json {
         Content::Json(text)
     } else {
@@ -297,8 +319,8 @@ fn judge(
     let text = std::str::from_utf8(&body).map_err(|e| Unjudgeable {
         reason: format!("the body is not valid UTF-8 (at byte {})", e.valid_up_to()),
     })?;
-    let json = media_type_is(headers, "application/json");
     let form = media_type_is(headers, "application/x-www-form-urlencoded");
+    let json = !form && (media_type_is(headers, "application/json") || reads_as_json(text));
     let form_text = form.then(|| as_form_reads(text));
     let content = match (json, text.trim().is_empty(), &form_text) {
         (true, false, _) => Content::Json(text),
@@ -347,6 +369,32 @@ fn as_form_reads(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// Whether `rest` has a `.` or `..` segment, as written or once its `%2E`, `%2F` and `%5C`
+/// escapes are read, with `\` for a separator as well: a server or gateway behind the tool
+/// that resolves them would take the request out of the tool's path, to another tool.
+fn has_dot_segment(rest: &str) -> bool {
+    let mut decoded = String::with_capacity(rest.len());
+    let mut rest = rest;
+    while let Some(i) = rest.find('%') {
+        decoded.push_str(&rest[..i]);
+        let escape = rest.get(i..i + 3).unwrap_or("");
+        match escape.to_ascii_lowercase().as_str() {
+            "%2e" => decoded.push('.'),
+            "%2f" | "%5c" => decoded.push('/'),
+            _ => {
+                decoded.push('%');
+                rest = &rest[i + 1..];
+                continue;
+            }
+        }
+        rest = &rest[i + 3..];
+    }
+    decoded.push_str(rest);
+    decoded
+        .split(['/', '\\'])
+        .any(|segment| segment == "." || segment == "..")
+}
+
 /// The tool's URL for `rest` (the path after `/tools/{name}`) and `query`, in origin form (what
 /// goes on the request line: the connection is to the tool already).
 fn target(base: &Uri, rest: &str, query: Option<&str>) -> Option<Uri> {
@@ -375,6 +423,34 @@ fn deadline(active: &Active) -> Option<&Limit> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_segments_are_found_however_written() {
+        for rest in [
+            "/..",
+            "/../shell/run",
+            "/a/./b",
+            "/%2e%2E/shell",
+            "/.%2e/shell",
+            "/a%2F..%2Fshell",
+            "/a%5c..%5cshell",
+            "/a\\..\\shell",
+        ] {
+            assert!(has_dot_segment(rest), "{rest}");
+        }
+        for rest in [
+            "",
+            "/",
+            "/search",
+            "/a.b/..c/c..",
+            "/%2e%2e%2e",
+            "/%",
+            "/%2",
+            "/50%25",
+        ] {
+            assert!(!has_dot_segment(rest), "{rest}");
+        }
+    }
 
     #[test]
     fn joins_base_path_rest_and_query() {

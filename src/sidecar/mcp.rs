@@ -36,7 +36,7 @@ use super::policy_check::{CallVerdict, check_call, filter_tools};
 use super::rescue;
 use super::sse;
 use super::upstream::{
-    ReadError, Transport, Upstream, content_coding, media_type_is, read_limited,
+    ReadError, Transport, Upstream, content_coding, media_type_is, read_limited, reads_as_json,
     refuse_compressed_request, send_http,
 };
 
@@ -685,8 +685,8 @@ fn judge_error(
 
 /// An answer that is not JSON-RPC (an HTTP error of the server's, say): its status and headers
 /// are kept, as clients act on them (a session gone, credentials asked for), and its body is
-/// judged as text, as clients show it; one that cannot be is left out. A redirect is refused:
-/// the agent would follow it past the sidecar.
+/// judged as clients show it (as text, or as JSON when it reads as JSON); one that cannot be is
+/// left out. A redirect is refused: the agent would follow it past the sidecar.
 async fn judged_http(
     res: Response<Body>,
     tracker: &Tracker,
@@ -714,7 +714,12 @@ async fn judged_http(
         .and_then(|b| std::str::from_utf8(b).ok());
     let body = match (text, active) {
         (Some(text), Some(active)) if !text.is_empty() => {
-            match check_output(active, tracker, "", Content::Text(text)) {
+            let content = if reads_as_json(text) {
+                Content::Json(text)
+            } else {
+                Content::Text(text)
+            };
+            match check_output(active, tracker, "", content) {
                 OutputVerdict::Pass => text.to_owned(),
                 OutputVerdict::Redacted(redacted) => redacted,
                 OutputVerdict::Refuse(refusal) => refusal.to_string(),

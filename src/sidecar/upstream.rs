@@ -278,6 +278,16 @@ pub fn refuse_compressed(
     }
 }
 
+/// Whether a body not labelled JSON is a JSON object, array or string all the same: the tool
+/// (or the agent) may parse it as JSON whatever its label (`application/problem+json`, none at
+/// all), and then its escapes (`\u0041`) would hide from a search of the text what it reads.
+pub fn reads_as_json(text: &str) -> bool {
+    matches!(
+        text.trim_start().as_bytes().first(),
+        Some(b'{' | b'[' | b'"')
+    ) && perfecx_policy::is_json(text)
+}
+
 /// Whether a response's media type is `ty` (parameters ignored).
 pub fn media_type_is(headers: &HeaderMap, ty: &str) -> bool {
     // On bytes: a visible-ASCII value has no other whitespace to trim than spaces and tabs.

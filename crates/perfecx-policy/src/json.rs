@@ -45,6 +45,12 @@ impl fmt::Display for JsonError {
 
 impl std::error::Error for JsonError {}
 
+/// Whether `text` is one JSON document as the engine reads JSON (at any depth): what
+/// [`crate::Content::Json`] accepts.
+pub fn is_json(text: &str) -> bool {
+    Scanner::default().scan(text, &mut |_| {}).is_ok()
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct Scanner {
     stack: Vec<u8>,

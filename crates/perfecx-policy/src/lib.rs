@@ -56,7 +56,7 @@ pub use compile::{Limit, Limits, PROMPT_INJECTION_PACK, PolicyInfo, PolicySet};
 pub use decode::{MAX_DOCUMENT_BYTES, parse_policy};
 pub use diagnostic::{Diagnostic, Diagnostics};
 pub use evaluate::{Action, Content, Decision, Outcome, Violation};
-pub use json::JsonError;
+pub use json::{JsonError, is_json};
 pub use model::{
     ContentFilter, Enforcement, ExecutionLimit, MemoryProtection, Origin, Policy, Rule, RuleKind,
     SensitiveAction, ToolRestriction,
