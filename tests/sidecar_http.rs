@@ -455,6 +455,16 @@ async fn json_under_another_label_is_judged_as_json() {
             Some("application/problem+json"),
         ),
         (deep, None),
+        // Form-labelled: the tool may read it as JSON all the same.
+        (
+            r#"{"cmd":"r\u006d -rf /"}"#.to_owned(),
+            Some("application/x-www-form-urlencoded"),
+        ),
+        // After a byte-order mark, which JSON readers skip.
+        (
+            "\u{feff}{\"cmd\":\"r\\u006d -rf /\"}".to_owned(),
+            Some("text/plain"),
+        ),
     ] {
         let (status, answer) = post(body.clone(), label).await;
         assert_eq!(status, 403, "{body:.80} as {label:?}: {answer}");

@@ -99,6 +99,18 @@ async fn upstream() -> (String, Seen, CancellationToken) {
             }),
         )
         .route(
+            "/accepted-body",
+            post(|| async {
+                // Nothing was asked, yet the answer has a body: no client reads it, so nobody
+                // judged it either.
+                Response::builder()
+                    .status(StatusCode::ACCEPTED)
+                    .header("content-type", "text/plain")
+                    .body(Body::from("key AKIAIOSFODNN7EXAMPLE"))
+                    .unwrap()
+            }),
+        )
+        .route(
             "/zipped-gone",
             post(|| async {
                 Response::builder()
@@ -403,6 +415,7 @@ async fn sidecar_for(url: &str, extra: &str) -> Sidecar {
         "vt",
         "array",
         "respelled",
+        "accepted-body",
         "charset",
         "surrogate",
         "decoys",
@@ -828,6 +841,11 @@ async fn messages_a_tool_might_read_differently_are_refused() {
     let (status, _, _) = post_json(&sidecar.mcp_url("rpc"), note).await;
     assert_eq!(status, 202);
     assert!(seen.lock().unwrap().is_empty(), "nothing reached the tool");
+
+    // The body of an answer to nothing asked is not passed on.
+    let initialized = r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+    let (status, _, body) = post_json(&sidecar.mcp_url("accepted-body"), initialized).await;
+    assert_eq!((status, body.as_str()), (202, ""));
 
     // A null id: a request to some servers, whose answer (`"id": null`) no call is matched to.
     let null_id = r#"{"jsonrpc":"2.0","id":null,"method":"tools/list"}"#;

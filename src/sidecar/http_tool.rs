@@ -24,7 +24,7 @@ use super::policy_check::{CallVerdict, check_call};
 use super::pool::ExchangeError;
 use super::rescue;
 use super::upstream::{
-    ReadError, Transport, Upstream, media_type_is, outgoing_headers, read_limited, reads_as_json,
+    ReadError, Transport, Upstream, as_json, media_type_is, outgoing_headers, read_limited,
     refuse_compressed, refuse_compressed_request, strip_hop_by_hop,
 };
 
@@ -205,13 +205,17 @@ where
     };
     // An empty output (a HEAD, a 204) has nothing to judge: as text, not as JSON that
     // cannot be parsed.
-    let json = !text.trim().is_empty()
-        && (media_type_is(&parts.headers, "application/json") || reads_as_json(text));
-    let content = if json {
-        Content::Json(text)
+    let json = if media_type_is(&parts.headers, "application/json") {
+        Some(text)
     } else {
-        Content::Text(text)
+        as_json(text)
+    }
+    .filter(|json| !json.trim().is_empty());
+    let content = match json {
+        Some(json) => Content::Json(json),
+        None => Content::Text(text),
     };
+    let json = json.is_some();
     let verdict = call.in_span(|| check_output(&active, &tracker, tool, content));
     let set = Some(&active.set);
     match verdict {
@@ -320,14 +324,25 @@ fn judge(
         reason: format!("the body is not valid UTF-8 (at byte {})", e.valid_up_to()),
     })?;
     let form = media_type_is(headers, "application/x-www-form-urlencoded");
-    let json = !form && (media_type_is(headers, "application/json") || reads_as_json(text));
-    let form_text = form.then(|| as_form_reads(text));
-    let content = match (json, text.trim().is_empty(), &form_text) {
-        (true, false, _) => Content::Json(text),
-        (_, _, Some(form_text)) => Content::Text(form_text),
-        _ => Content::Text(text),
+    let json = if media_type_is(headers, "application/json") {
+        Some(text)
+    } else {
+        as_json(text)
+    }
+    .filter(|json| !json.trim().is_empty());
+    let mut verdict = match (form, json) {
+        (true, _) => check_call(active, tracker, tool, Content::Text(&as_form_reads(text))),
+        (false, Some(json)) => check_call(active, tracker, tool, Content::Json(json)),
+        (false, None) => check_call(active, tracker, tool, Content::Text(text)),
     };
-    let body = match check_call(active, tracker, tool, content) {
+    // A form body that reads as JSON is judged as JSON too: tools parse JSON whatever the label.
+    if form
+        && matches!(verdict, CallVerdict::Forward)
+        && let Some(json) = json
+    {
+        verdict = check_call(active, tracker, tool, Content::Json(json));
+    }
+    let body = match verdict {
         CallVerdict::Forward => (body, false),
         // Its values are encoded: a redaction in place would not be one.
         CallVerdict::ForwardRedacted(_) if form => {

@@ -36,7 +36,7 @@ use super::policy_check::{CallVerdict, check_call, filter_tools};
 use super::rescue;
 use super::sse;
 use super::upstream::{
-    ReadError, Transport, Upstream, content_coding, media_type_is, read_limited, reads_as_json,
+    ReadError, Transport, Upstream, as_json, content_coding, media_type_is, read_limited,
     refuse_compressed_request, send_http,
 };
 
@@ -293,7 +293,7 @@ async fn post(shared: &Arc<Shared>, up: &Arc<Upstream>, req: Request<Body>) -> R
     let status = res.status();
     if status == StatusCode::ACCEPTED || status == StatusCode::NO_CONTENT {
         if local.is_empty() {
-            return res;
+            return without_body(res);
         }
         return rescue::json_response(StatusCode::OK, jsonrpc::join(&local, batch));
     }
@@ -313,7 +313,16 @@ async fn post(shared: &Arc<Shared>, up: &Arc<Upstream>, req: Request<Body>) -> R
     if media_type_is(res.headers(), "application/json") || tracker.has_pending() {
         return json_answer(res, tracker, active.as_deref(), deadline, local, batch, cap).await;
     }
-    res
+    without_body(res)
+}
+
+/// An answer with nothing asked of it (to notifications and responses, or to a DELETE), passed
+/// on without its body: clients read none there, and what it held was never judged.
+fn without_body(res: Response<Body>) -> Response<Body> {
+    let (mut parts, _) = res.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_ENCODING);
+    Response::from_parts(parts, Body::empty())
 }
 
 fn accepted() -> Response<Body> {
@@ -714,10 +723,9 @@ async fn judged_http(
         .and_then(|b| std::str::from_utf8(b).ok());
     let body = match (text, active) {
         (Some(text), Some(active)) if !text.is_empty() => {
-            let content = if reads_as_json(text) {
-                Content::Json(text)
-            } else {
-                Content::Text(text)
+            let content = match as_json(text) {
+                Some(json) => Content::Json(json),
+                None => Content::Text(text),
             };
             match check_output(active, tracker, "", content) {
                 OutputVerdict::Pass => text.to_owned(),
@@ -820,7 +828,7 @@ async fn other(shared: &Shared, up: &Upstream, req: Request<Body>) -> Response<B
         return judged_http(res, &tracker, active.as_deref(), cap).await;
     }
     if !is_get {
-        return res;
+        return without_body(res);
     }
     if let Some(session) = session.filter(|_| resuming) {
         tracker.expect_resumed(shared.unanswered.resumable(&up.name, &session));

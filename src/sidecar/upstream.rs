@@ -278,14 +278,17 @@ pub fn refuse_compressed(
     }
 }
 
-/// Whether a body not labelled JSON is a JSON object, array or string all the same: the tool
-/// (or the agent) may parse it as JSON whatever its label (`application/problem+json`, none at
-/// all), and then its escapes (`\u0041`) would hide from a search of the text what it reads.
-pub fn reads_as_json(text: &str) -> bool {
-    matches!(
+/// The JSON document a body not labelled JSON is all the same, if it is a JSON object, array or
+/// string (after a byte-order mark, which JSON readers skip): the tool (or the agent) may parse
+/// it as JSON whatever its label (`application/problem+json`, none at all), and then its
+/// escapes (`\u0041`) would hide from a search of the text what it reads.
+pub fn as_json(text: &str) -> Option<&str> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let opens = matches!(
         text.trim_start().as_bytes().first(),
         Some(b'{' | b'[' | b'"')
-    ) && perfecx_policy::is_json(text)
+    );
+    (opens && perfecx_policy::is_json(text)).then_some(text)
 }
 
 /// Whether a response's media type is `ty` (parameters ignored).
