@@ -385,7 +385,7 @@ fn as_form_reads(text: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Whether `rest` has a `.` or `..` segment, as written or once its `%2E`, `%2F` and `%5C`
-/// escapes are read, with `\` for a separator as well: a server or gateway behind the tool
+/// escapes are read, with `\` for a separator as well and `;` ending a segment: a server or gateway behind the tool
 /// that resolves them would take the request out of the tool's path, to another tool.
 fn has_dot_segment(rest: &str) -> bool {
     let mut decoded = String::with_capacity(rest.len());
@@ -405,8 +405,10 @@ fn has_dot_segment(rest: &str) -> bool {
         rest = &rest[i + 3..];
     }
     decoded.push_str(rest);
+    // `..;x` too: servlet containers read the part before a `;` as the segment.
     decoded
         .split(['/', '\\'])
+        .map(|segment| segment.split(';').next().unwrap_or(segment))
         .any(|segment| segment == "." || segment == "..")
 }
 
@@ -450,6 +452,8 @@ mod tests {
             "/a%2F..%2Fshell",
             "/a%5c..%5cshell",
             "/a\\..\\shell",
+            "/..;/shell",
+            "/.;x/shell",
         ] {
             assert!(has_dot_segment(rest), "{rest}");
         }
