@@ -460,6 +460,11 @@ async fn json_under_another_label_is_judged_as_json() {
             r#"{"cmd":"r\u006d -rf /"}"#.to_owned(),
             Some("application/x-www-form-urlencoded"),
         ),
+        // With a number Python's reader takes and JSON has not.
+        (
+            r#"{"v":NaN,"cmd":"r\u006d -rf /"}"#.to_owned(),
+            Some("text/plain"),
+        ),
         // After a byte-order mark, which JSON readers skip.
         (
             "\u{feff}{\"cmd\":\"r\\u006d -rf /\"}".to_owned(),

@@ -3,6 +3,7 @@
 //! body: 403 for a policy, 504 for the deadline, 413 for a request body over the cap, 502 for a
 //! tool that fails (a response over the cap included).
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -206,17 +207,24 @@ where
     // An empty output (a HEAD, a 204) has nothing to judge: as text, not as JSON that
     // cannot be parsed.
     let json = if media_type_is(&parts.headers, "application/json") {
-        Some(text)
+        Some(Cow::Borrowed(text))
     } else {
         as_json(text)
     }
     .filter(|json| !json.trim().is_empty());
-    let content = match json {
+    let content = match &json {
         Some(json) => Content::Json(json),
         None => Content::Text(text),
     };
+    let mut verdict = call.in_span(|| check_output(&active, &tracker, tool, content));
+    if let (OutputVerdict::Redacted(_), Some(Cow::Owned(_))) = (&verdict, &json) {
+        // Redacting the copy would change its numbers as well.
+        verdict = OutputVerdict::Refuse(Refusal::from(UpstreamFailed {
+            upstream: tool.to_owned(),
+            reason: "its output needs redacting but is not strict JSON (NaN or Infinity), so it cannot be redacted".into(),
+        }));
+    }
     let json = json.is_some();
-    let verdict = call.in_span(|| check_output(&active, &tracker, tool, content));
     let set = Some(&active.set);
     match verdict {
         OutputVerdict::Pass => {
@@ -325,12 +333,12 @@ fn judge(
     })?;
     let form = media_type_is(headers, "application/x-www-form-urlencoded");
     let json = if media_type_is(headers, "application/json") {
-        Some(text)
+        Some(Cow::Borrowed(text))
     } else {
         as_json(text)
     }
     .filter(|json| !json.trim().is_empty());
-    let mut verdict = match (form, json) {
+    let mut verdict = match (form, &json) {
         (true, _) => check_call(active, tracker, tool, Content::Text(&as_form_reads(text))),
         (false, Some(json)) => check_call(active, tracker, tool, Content::Json(json)),
         (false, None) => check_call(active, tracker, tool, Content::Text(text)),
@@ -338,12 +346,19 @@ fn judge(
     // A form body that reads as JSON is judged as JSON too: tools parse JSON whatever the label.
     if form
         && matches!(verdict, CallVerdict::Forward)
-        && let Some(json) = json
+        && let Some(json) = &json
     {
         verdict = check_call(active, tracker, tool, Content::Json(json));
     }
     let body = match verdict {
         CallVerdict::Forward => (body, false),
+        // Redacting the copy judged would change its numbers as well.
+        CallVerdict::ForwardRedacted(_) if matches!(json, Some(Cow::Owned(_))) => {
+            return Err(Unjudgeable {
+                reason: "the body carries sensitive data but is not strict JSON (NaN or Infinity), so it cannot be redacted; send it as strict JSON".into(),
+            }
+            .into());
+        }
         // Its values are encoded: a redaction in place would not be one.
         CallVerdict::ForwardRedacted(_) if form => {
             return Err(Unjudgeable {

@@ -723,7 +723,8 @@ async fn judged_http(
         .and_then(|b| std::str::from_utf8(b).ok());
     let body = match (text, active) {
         (Some(text), Some(active)) if !text.is_empty() => {
-            let content = match as_json(text) {
+            let json = as_json(text);
+            let content = match &json {
                 Some(json) => Content::Json(json),
                 None => Content::Text(text),
             };

@@ -1,5 +1,6 @@
 //! The tool servers behind the sidecar, and how requests reach them.
 
+use std::borrow::Cow;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -282,13 +283,56 @@ pub fn refuse_compressed(
 /// string (after a byte-order mark, which JSON readers skip): the tool (or the agent) may parse
 /// it as JSON whatever its label (`application/problem+json`, none at all), and then its
 /// escapes (`\u0041`) would hide from a search of the text what it reads.
-pub fn as_json(text: &str) -> Option<&str> {
+///
+/// Python's reader also takes `NaN`, `Infinity` and `-Infinity` for numbers: a document that is
+/// JSON but for those comes back owned, with them written `0`, to be judged, not forwarded.
+pub fn as_json(text: &str) -> Option<Cow<'_, str>> {
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let opens = matches!(
         text.trim_start().as_bytes().first(),
         Some(b'{' | b'[' | b'"')
     );
-    (opens && perfecx_policy::is_json(text)).then_some(text)
+    if !opens {
+        return None;
+    }
+    if perfecx_policy::is_json(text) {
+        return Some(Cow::Borrowed(text));
+    }
+    without_nonfinite(text)
+        .filter(|lenient| perfecx_policy::is_json(lenient))
+        .map(Cow::Owned)
+}
+
+/// `text` with every `NaN`, `Infinity` and `-Infinity` outside its strings written `0`; `None`
+/// when it has none.
+fn without_nonfinite(text: &str) -> Option<String> {
+    let b = text.as_bytes();
+    let mut out = String::new();
+    let (mut i, mut copied, mut in_string) = (0, 0, false);
+    'bytes: while i < b.len() {
+        match (in_string, b[i]) {
+            (true, b'\\') => i += 1,
+            (true, b'"') | (false, b'"') => in_string = !in_string,
+            (true, _) => {}
+            (false, _) => {
+                for word in ["-Infinity", "Infinity", "NaN"] {
+                    if b[i..].starts_with(word.as_bytes()) {
+                        // `i` is on an ASCII byte, so on a character boundary.
+                        out.push_str(&text[copied..i]);
+                        out.push('0');
+                        i += word.len();
+                        copied = i;
+                        continue 'bytes;
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    (copied > 0).then(|| {
+        out.push_str(&text[copied..]);
+        out
+    })
 }
 
 /// Whether a response's media type is `ty` (parameters ignored).
@@ -307,6 +351,29 @@ pub fn media_type_is(headers: &HeaderMap, ty: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_under_any_label_is_read_as_a_reader_would() {
+        assert_eq!(as_json(r#" {"a":1}"#).as_deref(), Some(r#" {"a":1}"#));
+        assert_eq!(as_json("\u{feff}[1]").as_deref(), Some("[1]"));
+        assert_eq!(as_json(r#""x""#).as_deref(), Some(r#""x""#));
+        // Python reads these; the copy judged reads the same strings.
+        assert_eq!(
+            as_json(r#"{"a":NaN,"b":[-Infinity,Infinity],"c":"NaN \" Infinity"}"#).as_deref(),
+            Some(r#"{"a":0,"b":[0,0],"c":"NaN \" Infinity"}"#)
+        );
+        for text in [
+            "",
+            "42",
+            "true",
+            "{name} says hi",
+            "{\"a\":nan}",
+            "[NaN",
+            "é{",
+        ] {
+            assert_eq!(as_json(text), None, "{text}");
+        }
+    }
 
     #[test]
     fn only_identity_is_no_content_coding() {
