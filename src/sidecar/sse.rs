@@ -24,7 +24,8 @@ impl Event {
         self.raw.split(|b| *b == b'\n').filter(|l| !l.is_empty())
     }
 
-    /// The value of a field (the last, if several), its one leading space removed.
+    /// The value of a field (the last, if several), its one leading space removed. An `id`
+    /// that holds a NUL is ignored, as clients ignore it (the HTML standard's event streams).
     fn field(&self, name: &[u8]) -> Option<&[u8]> {
         self.lines()
             .filter_map(|l| match l.strip_prefix(name)? {
@@ -32,6 +33,7 @@ impl Event {
                 [b':', b' ', v @ ..] | [b':', v @ ..] => Some(v),
                 _ => None,
             })
+            .filter(|v| name != b"id" || !v.contains(&0))
             .last()
     }
 
@@ -307,6 +309,9 @@ mod tests {
         assert_eq!((events[1].id(), events[1].retry()), (Some("9"), None));
         assert_eq!((events[2].id(), events[2].retry()), (Some(""), None));
         assert_eq!((events[3].id(), events[3].retry()), (None, None));
+        // An id holding a NUL is ignored, as a client ignores it.
+        let events = p.push(b"id: 5\nid: 6\0\ndata: z\n\n").unwrap();
+        assert_eq!(events[0].id(), Some("5"));
     }
 
     #[test]

@@ -1036,6 +1036,15 @@ fn dispatch(conn: &Arc<Conn>, streams: &Streams, line: &str) {
         tracing::debug!(line, "ignoring a line that is not a JSON-RPC message");
         return;
     };
+    // A CR in the line (JSON whitespace to the process) would end a line for the agent's
+    // event-stream parser: such a message goes on re-serialised.
+    let reserialised;
+    let line = if line.contains('\r') {
+        reserialised = Value::Object(msg.clone()).to_string();
+        reserialised.as_str()
+    } else {
+        line
+    };
     let method = msg.get("method").and_then(Value::as_str).map(str::to_owned);
     let Some(method) = method else {
         if let Some(id) = msg.get("id").and_then(Value::as_u64) {
