@@ -30,9 +30,9 @@ use super::denial::{
 };
 use super::events::Checked;
 use super::jsonrpc::{self, Reply, Request as Rpc};
-use super::output_filter::{OutputVerdict, check_output};
+use super::output_filter::{OutputVerdict, check_output, judge_tools};
 use super::policies::Active;
-use super::policy_check::{CallVerdict, check_call, filter_tools};
+use super::policy_check::{CallVerdict, check_call, hide_forbidden_tools};
 use super::rescue;
 use super::sse;
 use super::upstream::{
@@ -768,13 +768,22 @@ fn tool_list(
         });
         Inspected::Replace(rescue::request_error(Some(&jsonrpc::id_key(id)), &refusal))
     };
-    match filter_tools(active, result) {
-        Ok(None) => Inspected::Keep,
-        Ok(Some(filtered)) => match jsonrpc::with_result(msg, filtered) {
-            Some(m) => Inspected::Replace(m),
-            None => unreadable(),
-        },
-        Err(_) => unreadable(),
+    let Ok(mut result) = serde_json::from_str::<serde_json::Value>(result.get()) else {
+        return unreadable();
+    };
+    let Some(tools) = result.get_mut("tools") else {
+        return Inspected::Keep;
+    };
+    let Some(tools) = tools.as_array_mut() else {
+        return unreadable();
+    };
+    let hidden = hide_forbidden_tools(active, tools);
+    if !judge_tools(active, tracker, tools) && !hidden {
+        return Inspected::Keep;
+    }
+    match jsonrpc::with_result(msg, result) {
+        Some(m) => Inspected::Replace(m),
+        None => unreadable(),
     }
 }
 

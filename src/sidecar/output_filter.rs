@@ -2,6 +2,7 @@
 //! agent sees it; a result that breaks a strict content filter is replaced by an error.
 
 use perfecx_policy::{Content, Outcome};
+use serde_json::Value;
 
 use super::calls::Tracker;
 use super::denial::{Refusal, UpstreamFailed};
@@ -54,4 +55,34 @@ pub fn check_output(
             ),
         },
     }
+}
+
+/// Judges each entry of a tool list as output: its title, description and schemas go into the
+/// model's context as a tool's result does. Sensitive data is redacted; an entry that a strict
+/// content filter withholds is left out of the list. Says whether it changed any.
+pub fn judge_tools(active: &Active, tracker: &Tracker, tools: &mut Vec<Value>) -> bool {
+    let mut changed = false;
+    tools.retain_mut(|tool| {
+        let name = tool.get("name").and_then(Value::as_str).unwrap_or("").to_owned();
+        let text = tool.to_string();
+        match check_output(active, tracker, &name, Content::Json(&text)) {
+            OutputVerdict::Pass => true,
+            OutputVerdict::Redacted(redacted) => {
+                changed = true;
+                match serde_json::from_str(&redacted) {
+                    Ok(value) => {
+                        *tool = value;
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+            OutputVerdict::Refuse(refusal) => {
+                changed = true;
+                tracing::warn!(upstream = %tracker.upstream(), tool = %name, error = %refusal, "a tool left out of the tool list");
+                false
+            }
+        }
+    });
+    changed
 }

@@ -3,7 +3,6 @@
 
 use perfecx_policy::{Content, Decision, Outcome};
 use serde_json::Value;
-use serde_json::value::RawValue;
 
 use super::calls::Tracker;
 use super::denial::{PolicyDenied, Refusal, Unjudgeable};
@@ -99,23 +98,14 @@ pub fn denied(decision: &Decision<'_>, output: bool) -> Refusal {
     }
 }
 
-/// A `tools/list` result without the tools that no call could use. `None`: nothing to hide
-/// (or not a list result).
-pub fn filter_tools(active: &Active, result: &RawValue) -> Result<Option<Value>, Unreadable> {
-    let mut result: Value = serde_json::from_str(result.get()).map_err(|_| Unreadable)?;
-    let Some(tools) = result.get_mut("tools") else {
-        return Ok(None);
-    };
-    let tools = tools.as_array_mut().ok_or(Unreadable)?;
+/// Leaves out of a `tools/list` result's `tools` those that no call could use; says whether it
+/// left out any.
+pub fn hide_forbidden_tools(active: &Active, tools: &mut Vec<Value>) -> bool {
     let before = tools.len();
     tools.retain(|t| {
         t.get("name")
             .and_then(Value::as_str)
             .is_some_and(|name| active.set.tool_allowed(name))
     });
-    Ok((tools.len() != before).then_some(result))
+    tools.len() != before
 }
-
-/// A result that cannot be read as JSON here, though a client's parser might read it.
-#[derive(Debug)]
-pub struct Unreadable;
