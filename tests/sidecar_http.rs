@@ -465,6 +465,11 @@ async fn json_under_another_label_is_judged_as_json() {
             r#"{"v":NaN,"cmd":"r\u006d -rf /"}"#.to_owned(),
             Some("text/plain"),
         ),
+        // Labelled JSON too.
+        (
+            r#"{"v":NaN,"cmd":"r\u006d -rf /"}"#.to_owned(),
+            Some("application/json"),
+        ),
         // After a byte-order mark, which JSON readers skip.
         (
             "\u{feff}{\"cmd\":\"r\\u006d -rf /\"}".to_owned(),
@@ -474,6 +479,9 @@ async fn json_under_another_label_is_judged_as_json() {
         let (status, answer) = post(body.clone(), label).await;
         assert_eq!(status, 403, "{body:.80} as {label:?}: {answer}");
     }
+    // Python's JSON passes when there is nothing in it.
+    let (status, answer) = post(r#"{"v":NaN}"#.into(), Some("application/json")).await;
+    assert_eq!(status, 200, "{answer}");
     // Text that only looks like JSON at first is judged as text.
     let (status, answer) = post("{name} says hi".into(), Some("text/plain")).await;
     assert_eq!(status, 200, "{answer}");

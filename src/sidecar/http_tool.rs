@@ -206,8 +206,9 @@ where
     };
     // An empty output (a HEAD, a 204) has nothing to judge: as text, not as JSON that
     // cannot be parsed.
+    // Labelled JSON as well: it may come after a byte-order mark, or with NaN (Python's).
     let json = if media_type_is(&parts.headers, "application/json") {
-        Some(Cow::Borrowed(text))
+        Some(as_json(text).unwrap_or(Cow::Borrowed(text)))
     } else {
         as_json(text)
     }
@@ -333,7 +334,7 @@ fn judge(
     })?;
     let form = media_type_is(headers, "application/x-www-form-urlencoded");
     let json = if media_type_is(headers, "application/json") {
-        Some(Cow::Borrowed(text))
+        Some(as_json(text).unwrap_or(Cow::Borrowed(text)))
     } else {
         as_json(text)
     }

@@ -6,6 +6,7 @@
 //! The order for one POST: read (capped) → parse → judge each call → forward what is allowed
 //! (under the deadline) → inspect each answer → add the sidecar's own answers.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -730,6 +731,8 @@ async fn judged_http(
             };
             match check_output(active, tracker, "", content) {
                 OutputVerdict::Pass => text.to_owned(),
+                // Redacting the copy judged would change its numbers as well.
+                OutputVerdict::Redacted(_) if matches!(json, Some(Cow::Owned(_))) => String::new(),
                 OutputVerdict::Redacted(redacted) => redacted,
                 OutputVerdict::Refuse(refusal) => refusal.to_string(),
             }
@@ -777,10 +780,10 @@ fn tool_list(
     let Some(tools) = tools.as_array_mut() else {
         return unreadable();
     };
-    let hidden = hide_forbidden_tools(active, tools);
-    if !judge_tools(active, tracker, tools) && !hidden {
-        return Inspected::Keep;
-    }
+    hide_forbidden_tools(active, tools);
+    judge_tools(active, tracker, tools);
+    // Passed on as read and judged, even unchanged: a client could read the text as sent
+    // otherwise (the first of two `description` keys, where the sidecar read the last).
     match jsonrpc::with_result(msg, result) {
         Some(m) => Inspected::Replace(m),
         None => unreadable(),
@@ -809,7 +812,37 @@ fn unmatched(
         Inspected::Drop => return listed,
     };
     let upstream = tracker.upstream().to_owned();
-    let verdict = check_output(active, tracker, "", Content::Json(&result));
+    // The tools of a list were judged one by one above: the rest of the result is judged here,
+    // so that none is counted twice.
+    let mut value: Option<serde_json::Map<String, serde_json::Value>> =
+        serde_json::from_str(&result).ok();
+    let tools = value.as_mut().and_then(|v| v.remove("tools"));
+    let verdict = match (&value, tools) {
+        (Some(rest), Some(tools)) => {
+            match check_output(
+                active,
+                tracker,
+                "",
+                Content::Json(&serde_json::to_string(rest).unwrap_or_default()),
+            ) {
+                OutputVerdict::Redacted(text) => {
+                    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
+                    {
+                        Ok(mut redacted) => {
+                            redacted.insert("tools".into(), tools);
+                            OutputVerdict::Redacted(serde_json::Value::Object(redacted).to_string())
+                        }
+                        Err(_) => OutputVerdict::Refuse(Refusal::from(UpstreamFailed {
+                            upstream: upstream.clone(),
+                            reason: "its output could not be redacted".into(),
+                        })),
+                    }
+                }
+                verdict => verdict,
+            }
+        }
+        _ => check_output(active, tracker, "", Content::Json(&result)),
+    };
     match apply(msg, &upstream, verdict) {
         Inspected::Keep => listed,
         judged => judged,

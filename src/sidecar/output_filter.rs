@@ -59,30 +59,24 @@ pub fn check_output(
 
 /// Judges each entry of a tool list as output: its title, description and schemas go into the
 /// model's context as a tool's result does. Sensitive data is redacted; an entry that a strict
-/// content filter withholds is left out of the list. Says whether it changed any.
-pub fn judge_tools(active: &Active, tracker: &Tracker, tools: &mut Vec<Value>) -> bool {
-    let mut changed = false;
+/// content filter withholds is left out of the list, and so is one whose name redaction would
+/// change (it could not be called by it).
+pub fn judge_tools(active: &Active, tracker: &Tracker, tools: &mut Vec<Value>) {
     tools.retain_mut(|tool| {
         let name = tool.get("name").and_then(Value::as_str).unwrap_or("").to_owned();
         let text = tool.to_string();
-        match check_output(active, tracker, &name, Content::Json(&text)) {
-            OutputVerdict::Pass => true,
-            OutputVerdict::Redacted(redacted) => {
-                changed = true;
-                match serde_json::from_str(&redacted) {
-                    Ok(value) => {
-                        *tool = value;
-                        true
-                    }
-                    Err(_) => false,
+        let refusal = match check_output(active, tracker, &name, Content::Json(&text)) {
+            OutputVerdict::Pass => return true,
+            OutputVerdict::Redacted(redacted) => match serde_json::from_str::<Value>(&redacted) {
+                Ok(value) if value.get("name").and_then(Value::as_str) == Some(&name) => {
+                    *tool = value;
+                    return true;
                 }
-            }
-            OutputVerdict::Refuse(refusal) => {
-                changed = true;
-                tracing::warn!(upstream = %tracker.upstream(), tool = %name, error = %refusal, "a tool left out of the tool list");
-                false
-            }
-        }
+                _ => "its name would be redacted".to_owned(),
+            },
+            OutputVerdict::Refuse(refusal) => refusal.to_string(),
+        };
+        tracing::warn!(upstream = %tracker.upstream(), tool = %name, error = %refusal, "a tool left out of the tool list");
+        false
     });
-    changed
 }

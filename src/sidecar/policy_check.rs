@@ -98,14 +98,11 @@ pub fn denied(decision: &Decision<'_>, output: bool) -> Refusal {
     }
 }
 
-/// Leaves out of a `tools/list` result's `tools` those that no call could use; says whether it
-/// left out any.
-pub fn hide_forbidden_tools(active: &Active, tools: &mut Vec<Value>) -> bool {
-    let before = tools.len();
+/// Leaves out of a `tools/list` result's `tools` those that no call could use.
+pub fn hide_forbidden_tools(active: &Active, tools: &mut Vec<Value>) {
     tools.retain(|t| {
         t.get("name")
             .and_then(Value::as_str)
             .is_some_and(|name| active.set.tool_allowed(name))
     });
-    tools.len() != before
 }

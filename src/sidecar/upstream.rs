@@ -303,20 +303,31 @@ pub fn as_json(text: &str) -> Option<Cow<'_, str>> {
         .map(Cow::Owned)
 }
 
-/// `text` with every `NaN`, `Infinity` and `-Infinity` outside its strings written `0`; `None`
-/// when it has none.
+/// `text` with every `NaN`, `Infinity` and `-Infinity` that stands as a value outside its
+/// strings (after `:`, `[`, `,` or nothing, and before a delimiter) written `0`; `None` when it
+/// has none.
 fn without_nonfinite(text: &str) -> Option<String> {
     let b = text.as_bytes();
     let mut out = String::new();
     let (mut i, mut copied, mut in_string) = (0, 0, false);
+    // The last byte outside strings that is not whitespace.
+    let mut before = b'[';
     'bytes: while i < b.len() {
         match (in_string, b[i]) {
             (true, b'\\') => i += 1,
             (true, b'"') | (false, b'"') => in_string = !in_string,
             (true, _) => {}
-            (false, _) => {
+            (false, b' ' | b'\t' | b'\n' | b'\r') => {}
+            (false, c) if !matches!(before, b':' | b'[' | b',') => before = c,
+            (false, c) => {
+                before = c;
                 for word in ["-Infinity", "Infinity", "NaN"] {
-                    if b[i..].starts_with(word.as_bytes()) {
+                    let after = b.get(i + word.len()).copied();
+                    let ends = matches!(
+                        after,
+                        None | Some(b' ' | b'\t' | b'\n' | b'\r' | b',' | b']' | b'}')
+                    );
+                    if ends && b[i..].starts_with(word.as_bytes()) {
                         // `i` is on an ASCII byte, so on a character boundary.
                         out.push_str(&text[copied..i]);
                         out.push('0');
@@ -362,6 +373,8 @@ mod tests {
             as_json(r#"{"a":NaN,"b":[-Infinity,Infinity],"c":"NaN \" Infinity"}"#).as_deref(),
             Some(r#"{"a":0,"b":[0,0],"c":"NaN \" Infinity"}"#)
         );
+        assert_eq!(as_json("[ NaN ,\n-Infinity]").as_deref(), Some("[ 0 ,\n0]"));
+        // Only where a value stands, as Python reads them.
         for text in [
             "",
             "42",
@@ -370,6 +383,11 @@ mod tests {
             "{\"a\":nan}",
             "[NaN",
             "é{",
+            "[1NaN]",
+            "[NaN5]",
+            "[-NaN]",
+            "[NaN.5]",
+            "{\"a\":\"x\"NaN}",
         ] {
             assert_eq!(as_json(text), None, "{text}");
         }
