@@ -29,6 +29,15 @@ async fn tool_server() -> (String, CancellationToken) {
             .route("/api/", get(|| async { "index" }))
             // JSON under another label: the agent may parse it all the same.
             .route(
+                "/api/nan",
+                get(|| async {
+                    (
+                        [("content-type", "application/json")],
+                        "\u{feff}{\"score\":NaN,\"mail\":\"jane.doe@acme-corp.io\"}",
+                    )
+                }),
+            )
+            .route(
                 "/api/plain-json",
                 get(|| async { r#"{"key":"\u0041KIAIOSFODNN7EXAMPLE"}"# }),
             )
@@ -486,6 +495,11 @@ async fn json_under_another_label_is_judged_as_json() {
     let (status, answer) = post("{name} says hi".into(), Some("text/plain")).await;
     assert_eq!(status, 200, "{answer}");
 
+    // Python's JSON from a tool is read too: here it would need redacting, which its numbers
+    // do not allow, so it is withheld.
+    let (status, body) = send(reqwest::Method::GET, &sidecar.url("/tools/web/nan"), None).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("cannot be redacted"), "{body}");
     // The output too: a key written with an escape is still found and redacted.
     let (status, body) = send(
         reqwest::Method::GET,

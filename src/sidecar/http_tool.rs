@@ -206,18 +206,31 @@ where
     };
     // An empty output (a HEAD, a 204) has nothing to judge: as text, not as JSON that
     // cannot be parsed.
-    // Labelled JSON as well: it may come after a byte-order mark, or with NaN (Python's).
-    let json = if media_type_is(&parts.headers, "application/json") {
-        Some(as_json(text).unwrap_or(Cow::Borrowed(text)))
+    let labelled = media_type_is(&parts.headers, "application/json");
+    let mut json = if labelled {
+        Some(Cow::Borrowed(text))
     } else {
         as_json(text)
     }
     .filter(|json| !json.trim().is_empty());
-    let content = match &json {
-        Some(json) => Content::Json(json),
-        None => Content::Text(text),
+    let judge = |json: &Option<Cow<'_, str>>| {
+        let content = match json {
+            Some(json) => Content::Json(json),
+            None => Content::Text(text),
+        };
+        call.in_span(|| check_output(&active, &tracker, tool, content))
     };
-    let mut verdict = call.in_span(|| check_output(&active, &tracker, tool, content));
+    let mut verdict = judge(&json);
+    // Labelled JSON the engine cannot read may be JSON as lenient readers take it (after a
+    // byte-order mark, with NaN): read so then, and only then, off the usual path.
+    if json.is_some()
+        && labelled
+        && matches!(verdict, OutputVerdict::Refuse(Refusal::Upstream(_)))
+        && let Some(lenient) = as_json(text)
+    {
+        json = Some(lenient);
+        verdict = judge(&json);
+    }
     if let (OutputVerdict::Redacted(_), Some(Cow::Owned(_))) = (&verdict, &json) {
         // Redacting the copy would change its numbers as well.
         verdict = OutputVerdict::Refuse(Refusal::from(UpstreamFailed {
@@ -333,8 +346,9 @@ fn judge(
         reason: format!("the body is not valid UTF-8 (at byte {})", e.valid_up_to()),
     })?;
     let form = media_type_is(headers, "application/x-www-form-urlencoded");
-    let json = if media_type_is(headers, "application/json") {
-        Some(as_json(text).unwrap_or(Cow::Borrowed(text)))
+    let labelled = media_type_is(headers, "application/json");
+    let mut json = if labelled {
+        Some(Cow::Borrowed(text))
     } else {
         as_json(text)
     }
@@ -344,6 +358,16 @@ fn judge(
         (false, Some(json)) => check_call(active, tracker, tool, Content::Json(json)),
         (false, None) => check_call(active, tracker, tool, Content::Text(text)),
     };
+    // Labelled JSON the engine cannot read may be JSON as lenient readers take it (after a
+    // byte-order mark, with NaN): read so then, and only then, off the usual path.
+    if json.is_some()
+        && labelled
+        && matches!(verdict, CallVerdict::Refuse(Refusal::Unjudgeable(_)))
+        && let Some(lenient) = as_json(text)
+    {
+        verdict = check_call(active, tracker, tool, Content::Json(&lenient));
+        json = Some(lenient);
+    }
     // A form body that reads as JSON is judged as JSON too: tools parse JSON whatever the label.
     if form
         && matches!(verdict, CallVerdict::Forward)
