@@ -873,7 +873,7 @@ async fn messages_a_tool_might_read_differently_are_refused() {
     let (status, _, body) = post_json(&sidecar.mcp_url("rpc"), null_id).await;
     assert_eq!(status, 200);
     let v: Value = serde_json::from_str(&body).unwrap();
-    assert!(v["error"]["code"].is_i64(), "{body}");
+    assert_eq!(v["error"]["code"], -32600, "{body}");
     assert!(body.contains("string or a number"), "{body}");
     assert!(seen.lock().unwrap().is_empty(), "nothing reached the tool");
 

@@ -424,8 +424,8 @@ fn as_form_reads(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Whether `rest` has a `.` or `..` segment, as written or once its `%2E`, `%2F` and `%5C`
-/// escapes are read, with `\` for a separator as well and `;` ending a segment: a server or gateway behind the tool
+/// Whether `rest` has a `.` or `..` segment, as written or once its `%2E`, `%2F`, `%5C` and
+/// `%3B` escapes are read, with `\` for a separator as well and `;` ending a segment: a server or gateway behind the tool
 /// that resolves them would take the request out of the tool's path, to another tool.
 fn has_dot_segment(rest: &str) -> bool {
     let mut decoded = String::with_capacity(rest.len());
@@ -436,6 +436,7 @@ fn has_dot_segment(rest: &str) -> bool {
         match escape.to_ascii_lowercase().as_str() {
             "%2e" => decoded.push('.'),
             "%2f" | "%5c" => decoded.push('/'),
+            "%3b" => decoded.push(';'),
             _ => {
                 decoded.push('%');
                 rest = &rest[i + 1..];
@@ -494,6 +495,7 @@ mod tests {
             "/a\\..\\shell",
             "/..;/shell",
             "/.;x/shell",
+            "/..%3Bx/shell",
         ] {
             assert!(has_dot_segment(rest), "{rest}");
         }

@@ -210,7 +210,12 @@ async fn post(shared: &Arc<Shared>, up: &Arc<Upstream>, req: Request<Body>) -> R
             Rpc::Invalid { reason } => {
                 let refusal = Refusal::from(Unjudgeable { reason });
                 tracing::warn!(upstream = %up.name, error = %refusal, "unreadable message refused");
-                local.push(rescue::request_error(None, &refusal));
+                // Not a request object JSON-RPC knows: its error for that, not for bad params.
+                local.push(jsonrpc::error_message(
+                    None,
+                    jsonrpc::INVALID_REQUEST,
+                    &refusal.to_string(),
+                ));
                 modified = true;
             }
             Rpc::ToolsList { id } => {
