@@ -280,6 +280,17 @@ async fn upstream() -> (String, Seen, CancellationToken) {
             }),
         )
         .route(
+            "/error-json",
+            post(|| async {
+                // An HTTP error whose text is JSON under another label: a key behind an escape.
+                Response::builder()
+                    .status(StatusCode::INTERNAL_SERVER_ERROR)
+                    .header("content-type", "text/plain")
+                    .body(Body::from(r#"{"detail":"key \u0041KIAIOSFODNN7EXAMPLE"}"#))
+                    .unwrap()
+            }),
+        )
+        .route(
             "/duplist",
             post(|| async {
                 // Two descriptions: clients differ on which one they keep.
@@ -418,6 +429,7 @@ async fn sidecar_for(url: &str, extra: &str) -> Sidecar {
         "hang",
         "dup",
         "duplist",
+        "error-json",
         "plain",
         "resumable",
         "polling",
@@ -660,6 +672,14 @@ async fn answers_a_client_could_read_otherwise_are_judged_or_refused() {
         body.contains("id: 9\n"),
         "a client resumes from any event's id: {body}"
     );
+    // An HTTP error keeps its status; its body, JSON under another label, is read as JSON.
+    let (status, _, body) = post_json(
+        &sidecar.mcp_url("error-json"),
+        call(4, "echo", json!({})).to_string(),
+    )
+    .await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("[REDACTED:aws_access_key]"), "{body}");
     // A tool list that cannot be read is refused, not shown unfiltered.
     let list = json!({"jsonrpc": "2.0", "id": 3, "method": "tools/list"});
     let (_, _, body) = post_json(&sidecar.mcp_url("bad-list"), list.to_string()).await;
