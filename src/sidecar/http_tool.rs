@@ -207,12 +207,7 @@ where
     // An empty output (a HEAD, a 204) has nothing to judge: as text, not as JSON that
     // cannot be parsed.
     let labelled = media_type_is(&parts.headers, "application/json");
-    let mut json = if labelled {
-        Some(Cow::Borrowed(text))
-    } else {
-        as_json(text)
-    }
-    .filter(|json| !json.trim().is_empty());
+    let mut json = json_of(labelled, text);
     let judge = |json: &Option<Cow<'_, str>>| {
         let content = match json {
             Some(json) => Content::Json(json),
@@ -347,12 +342,7 @@ fn judge(
     })?;
     let form = media_type_is(headers, "application/x-www-form-urlencoded");
     let labelled = media_type_is(headers, "application/json");
-    let mut json = if labelled {
-        Some(Cow::Borrowed(text))
-    } else {
-        as_json(text)
-    }
-    .filter(|json| !json.trim().is_empty());
+    let mut json = json_of(labelled, text);
     let mut verdict = match (form, &json) {
         (true, _) => check_call(active, tracker, tool, Content::Text(&as_form_reads(text))),
         (false, Some(json)) => check_call(active, tracker, tool, Content::Json(json)),
@@ -424,10 +414,27 @@ fn as_form_reads(text: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// The JSON a body is judged as: its text when it is labelled JSON (read leniently only when
+/// the engine cannot read it, off the usual path), or what it reads as under another label;
+/// `None` for text, and for an empty body, which has nothing to judge.
+fn json_of(labelled: bool, text: &str) -> Option<Cow<'_, str>> {
+    if labelled {
+        Some(Cow::Borrowed(text))
+    } else {
+        as_json(text)
+    }
+    .filter(|json| !json.trim().is_empty())
+}
+
 /// Whether `rest` has a `.` or `..` segment, as written or once its `%2E`, `%2F`, `%5C` and
-/// `%3B` escapes are read, with `\` for a separator as well and `;` ending a segment: a server or gateway behind the tool
-/// that resolves them would take the request out of the tool's path, to another tool.
+/// `%3B` escapes are read, with `\` for a separator as well and `;` ending a segment: a server
+/// or gateway behind the tool that resolves them would take the request out of the tool's path,
+/// to another tool.
 fn has_dot_segment(rest: &str) -> bool {
+    // Most paths have neither: no copy for them, on every call.
+    if !rest.bytes().any(|b| b == b'.' || b == b'%') {
+        return false;
+    }
     let mut decoded = String::with_capacity(rest.len());
     let mut rest = rest;
     while let Some(i) = rest.find('%') {

@@ -817,40 +817,41 @@ fn unmatched(
         Inspected::Drop => return listed,
     };
     let upstream = tracker.upstream().to_owned();
-    // The tools of a list were judged one by one above: the rest of the result is judged here,
-    // so that none is counted twice.
-    let mut value: Option<serde_json::Map<String, serde_json::Value>> =
-        serde_json::from_str(&result).ok();
-    let tools = value.as_mut().and_then(|v| v.remove("tools"));
-    let verdict = match (&value, tools) {
-        (Some(rest), Some(tools)) => {
-            match check_output(
-                active,
-                tracker,
-                "",
-                Content::Json(&serde_json::to_string(rest).unwrap_or_default()),
-            ) {
-                OutputVerdict::Redacted(text) => {
-                    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
-                    {
-                        Ok(mut redacted) => {
-                            redacted.insert("tools".into(), tools);
-                            OutputVerdict::Redacted(serde_json::Value::Object(redacted).to_string())
-                        }
-                        Err(_) => OutputVerdict::Refuse(Refusal::from(UpstreamFailed {
-                            upstream: upstream.clone(),
-                            reason: "its output could not be redacted".into(),
-                        })),
-                    }
-                }
-                verdict => verdict,
-            }
-        }
-        _ => check_output(active, tracker, "", Content::Json(&result)),
-    };
+    let verdict = judge_beside_tools(active, tracker, &upstream, &result);
     match apply(msg, &upstream, verdict) {
         Inspected::Keep => listed,
         judged => judged,
+    }
+}
+
+/// Judges a result as a tool's output, all but its `tools`, which [`tool_list`] judged one by
+/// one already: none is counted twice. A redacted rest gets the tools back.
+fn judge_beside_tools(
+    active: &Active,
+    tracker: &Tracker,
+    upstream: &str,
+    result: &str,
+) -> OutputVerdict {
+    type Object = serde_json::Map<String, serde_json::Value>;
+    let Ok(mut rest) = serde_json::from_str::<Object>(result) else {
+        return check_output(active, tracker, "", Content::Json(result));
+    };
+    let Some(tools) = rest.remove("tools") else {
+        return check_output(active, tracker, "", Content::Json(result));
+    };
+    let rest = serde_json::Value::Object(rest).to_string();
+    match check_output(active, tracker, "", Content::Json(&rest)) {
+        OutputVerdict::Redacted(text) => match serde_json::from_str::<Object>(&text) {
+            Ok(mut redacted) => {
+                redacted.insert("tools".into(), tools);
+                OutputVerdict::Redacted(serde_json::Value::Object(redacted).to_string())
+            }
+            Err(_) => OutputVerdict::Refuse(Refusal::from(UpstreamFailed {
+                upstream: upstream.to_owned(),
+                reason: "its output could not be redacted".into(),
+            })),
+        },
+        verdict => verdict,
     }
 }
 
